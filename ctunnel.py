@@ -362,6 +362,9 @@ def _target_args(tunnel):
 def build_launch_argv(tunnel):
     """Return the argv that starts the tunnel's ssh as a background master."""
     argv = [tunnel.ssh, "-f", "-N", "-M", "-S", state_path(tunnel, "ctl"),
+            # once in the background, ssh sends stderr to /dev/null; -E keeps
+            # its last words ("Timeout, server not responding.") for the tick
+            "-E", state_path(tunnel, "log"),
             "-o", "ControlPersist=no",
             # -f then backgrounds only once every forward is set up, and a
             # forward the server refuses (port still held) makes ssh exit 255.
@@ -724,8 +727,8 @@ def launch_tunnel(tunnel):
     """Start the tunnel's ssh in the background and record its PID.
 
     Returns (pid, None) on success or (None, reason) with ssh's own words.
-    ssh's output goes to NAME.log, a file rather than a pipe: the backgrounded
-    ssh keeps it open, and a pipe would hold this tick until ssh dies.
+    ssh's output goes to NAME.log, a file rather than a pipe: a backgrounded
+    ssh that kept a pipe open would hold this tick until it dies.
     """
     argv = build_launch_argv(tunnel)
     limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout

@@ -1,0 +1,331 @@
+"""Test harness: a real OpenSSH sshd on 127.0.0.1, local services, and a runner.
+
+Every process a test starts is ended by PID in teardown, also on failure:
+sshd listeners with their per-connection children, and the ssh clients that
+ctunnel launched (found by the test's own unique state directory in their argv).
+"""
+
+import getpass
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CTUNNEL = os.path.join(ROOT, "ctunnel.py")
+SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
+DEADLINE = 20.0   # seconds any awaited condition may take before the test fails
+
+
+# --- small helpers ----------------------------------------------------------
+
+def wait_for(condition, timeout=DEADLINE, what="condition"):
+    """Poll condition() until it returns something true; fail after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, what))
+        time.sleep(0.05)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pid_alive(pid):
+    """True if pid runs and is not a zombie (PID 1 here may never reap)."""
+    try:
+        with open("/proc/%d/stat" % pid) as f:
+            stat = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(")") + 2] not in "ZX"
+
+
+def cmdline(pid):
+    try:
+        with open("/proc/%d/cmdline" % pid, "rb") as f:
+            return f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def pids_with_arg(text):
+    """Live PIDs whose argv contains text (a path only this test made)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            if any(text in a for a in cmdline(int(entry))) and pid_alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def descendants(pid):
+    """PIDs of every process below pid (by PPid), deepest last."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open("/proc/%s/stat" % entry) as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def end_pids(pids):
+    """SIGKILL (after SIGCONT) each PID and wait until it is gone."""
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            try:
+                os.kill(pid, sig)
+            except OSError:
+                pass
+    for pid in pids:
+        wait_for(lambda: not pid_alive(pid), 5, "pid %d to end" % pid)
+
+
+def connect_read(port, timeout=5.0):
+    """Connect to 127.0.0.1:port and return what arrives until EOF."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        chunks = []
+        while True:
+            data = s.recv(4096)
+            if not data:
+                return b"".join(chunks)
+            chunks.append(data)
+
+
+def port_accepts(port):
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+# --- the ssh server ---------------------------------------------------------
+
+class SshServer:
+    """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
+
+    def __init__(self, directory, force_command=None):
+        self.dir = directory
+        self.port = free_port()
+        self.user = getpass.getuser()
+        self.host_key = os.path.join(directory, "host_ed25519")
+        self.user_key = os.path.join(directory, "user_ed25519")
+        self.known_hosts = os.path.join(directory, "known_hosts")
+        self.ssh_config = os.path.join(directory, "ssh_config")
+        self.config = os.path.join(directory, "sshd_config")
+        self.log = os.path.join(directory, "sshd.log")
+        for key in (self.host_key, self.user_key):
+            subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key],
+                           check=True, stdin=subprocess.DEVNULL)
+        shutil.copy(self.user_key + ".pub", os.path.join(directory, "authorized_keys"))
+        with open(self.host_key + ".pub") as f:
+            key_type, key_data = f.read().split()[:2]
+        with open(self.known_hosts, "w") as f:
+            f.write("[127.0.0.1]:%d %s %s\n" % (self.port, key_type, key_data))
+        lines = [
+            "ListenAddress 127.0.0.1:%d" % self.port,
+            "HostKey %s" % self.host_key,
+            "PidFile %s" % os.path.join(directory, "sshd.pid"),
+            "AuthorizedKeysFile %s" % os.path.join(directory, "authorized_keys"),
+            "StrictModes no", "UsePAM no", "PasswordAuthentication no",
+            "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
+            "AllowTcpForwarding yes", "ClientAliveInterval 5", "ClientAliveCountMax 2",
+            "MaxStartups 100", "MaxSessions 100", "LogLevel VERBOSE",
+        ]
+        if force_command:
+            lines.append("ForceCommand %s" % force_command)
+        with open(self.config, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        # The client side: everything a tunnel needs, through one -F file, so
+        # the user's own ~/.ssh/config never leaks into a test.
+        with open(self.ssh_config, "w") as f:
+            f.write(textwrap.dedent("""\
+                Host *
+                  UserKnownHostsFile %s
+                  GlobalKnownHostsFile /dev/null
+                """ % self.known_hosts))
+        if os.geteuid() == 0:
+            os.makedirs("/run/sshd", exist_ok=True)   # sshd's privsep directory
+        self.log_file = open(self.log, "w")
+        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.config],
+                                     stdin=subprocess.DEVNULL, stderr=self.log_file)
+        wait_for(self._ready, what="sshd on port %d" % self.port)
+
+    def _ready(self):
+        if self.proc.poll() is not None:
+            raise AssertionError("sshd exited %s: %s" % (self.proc.returncode,
+                                                         open(self.log).read()))
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                return s.recv(64).startswith(b"SSH-")
+        except OSError:
+            return False
+
+    def ssh_argv(self, *args):
+        """An ssh client argv for this server (for tests poking at a tunnel)."""
+        return ["ssh", "-F", self.ssh_config, "-p", str(self.port), "-l", self.user,
+                "-i", self.user_key, "-o", "BatchMode=yes"] + list(args)
+
+    def stop(self):
+        pids = descendants(self.proc.pid)
+        end_pids(pids)
+        self.proc.kill()
+        self.proc.wait()
+        self.log_file.close()
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    server = SshServer(str(tmp_path_factory.mktemp("sshd")))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def sshd_without_nc(tmp_path_factory):
+    """A server where every command runs with a PATH that has no nc."""
+    server = SshServer(str(tmp_path_factory.mktemp("sshd-nonc")),
+                       force_command='PATH=/nonexistent; eval "$SSH_ORIGINAL_COMMAND"')
+    yield server
+    server.stop()
+
+
+# --- local services ---------------------------------------------------------
+
+class Service:
+    """A TCP service on 127.0.0.1 that greets each client (or stays silent)."""
+
+    def __init__(self, greeting=None):
+        self.greeting = greeting
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.held = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            if self.greeting is None:
+                self.held.append(conn)     # accept and say nothing, forever
+            else:
+                conn.sendall(self.greeting)
+                conn.close()
+
+    def close(self):
+        self.sock.close()
+        for conn in self.held:
+            conn.close()
+
+
+@pytest.fixture
+def service():
+    svc = Service(b"hello from the box %d\n" % os.getpid())
+    yield svc
+    svc.close()
+
+
+@pytest.fixture
+def silent_service():
+    svc = Service(None)
+    yield svc
+    svc.close()
+
+
+# --- a tunnel under test ----------------------------------------------------
+
+class Rig:
+    """One test's tunnel: its config, state dir and a way to run ctunnel."""
+
+    def __init__(self, server, state_dir):
+        self.server = server
+        self.state_dir = state_dir
+        self.conf = os.path.join(state_dir, "rstunnel.conf")
+
+    def write_config(self, name="pi", check_timeout=3, **keys):
+        """Write a config with one tunnel; keys go into its section."""
+        base = {
+            "host": "127.0.0.1",
+            "port": str(self.server.port),
+            "user": self.server.user,
+            "identity_file": self.server.user_key,
+            "ssh_config": self.server.ssh_config,
+            "state_dir": os.path.join(self.state_dir, "state"),
+            "check_timeout": str(check_timeout),
+        }
+        base.update(keys)
+        with open(self.conf, "w") as f:
+            f.write("[%s]\n" % name)
+            for key, value in base.items():
+                value = "\n    ".join(value) if isinstance(value, (list, tuple)) else value
+                f.write("%s = %s\n" % (key, value))
+        return self.conf
+
+    def run(self, *args, env=None, timeout=60):
+        """Run ctunnel.py with this config; return the CompletedProcess."""
+        return subprocess.run([sys.executable, CTUNNEL, "-c", self.conf] + list(args),
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=timeout, env=env)
+
+    def path(self, name, suffix):
+        return os.path.join(self.state_dir, "state", "%s.%s" % (name, suffix))
+
+    def pid(self, name="pi"):
+        with open(self.path(name, "pid")) as f:
+            return int(f.read())
+
+    def ssh_pids(self):
+        """Live ssh processes whose argv names this rig's state dir."""
+        return [p for p in pids_with_arg(self.state_dir) if "ssh" in cmdline(p)[0]]
+
+
+@pytest.fixture
+def make_rig():
+    """Make rigs on a server; end every ssh they launched afterwards."""
+    rigs = []
+
+    def make(server):
+        # short path: the control socket must stay under ~104 bytes
+        rig = Rig(server, tempfile.mkdtemp(prefix="ct", dir="/tmp"))
+        rigs.append(rig)
+        return rig
+
+    yield make
+    for rig in rigs:
+        end_pids(pids_with_arg(rig.state_dir))
+        shutil.rmtree(rig.state_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def rig(sshd, make_rig):
+    return make_rig(sshd)

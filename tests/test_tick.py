@@ -1,0 +1,317 @@
+"""End to end: ctunnel.py ticks against a real sshd on 127.0.0.1.
+
+"The server side" of a reverse forward is 127.0.0.1:R on this machine, where
+the test sshd listens for it: bytes read there came through the tunnel.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from conftest import (CTUNNEL, SshServer, connect_read, descendants, free_port,
+                      pid_alive, port_accepts, wait_for)
+
+
+def start_reverse(rig, service, **keys):
+    """Write a config with one -R forward to service, run the first tick."""
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port), **keys)
+    first = rig.run()
+    assert first.returncode == 0, first.stderr
+    return remote, first
+
+
+def test_first_tick_launches_and_bytes_flow_through_the_server(rig, service):
+    remote, first = start_reverse(rig, service)
+    assert "pi: started (pid %d)" % rig.pid() in first.stderr
+    assert len(first.stderr.splitlines()) == 1
+    assert connect_read(remote) == service.greeting
+    assert rig.ssh_pids() == [rig.pid()]
+
+
+def test_healthy_tick_is_silent_and_keeps_the_pid(rig, service):
+    remote, _ = start_reverse(rig, service)
+    pid = rig.pid()
+    again = rig.run()
+    assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
+    assert rig.pid() == pid and rig.ssh_pids() == [pid]
+    assert connect_read(remote) == service.greeting
+
+
+def test_killed_ssh_is_relaunched(rig, service):
+    remote, _ = start_reverse(rig, service)
+    old = rig.pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old), what="ssh to die")
+    tick = rig.run()
+    assert tick.returncode == 0, tick.stderr
+    assert "pi: restarted (process %d gone)" % old in tick.stderr
+    assert rig.pid() != old
+    assert connect_read(remote) == service.greeting
+
+
+def test_hung_ssh_is_caught_within_the_timeout_and_replaced(rig, service):
+    remote, _ = start_reverse(rig, service, check_timeout=2)
+    old = rig.pid()
+    os.kill(old, signal.SIGSTOP)
+    began = time.monotonic()
+    tick = rig.run()
+    took = time.monotonic() - began
+    assert tick.returncode == 0, tick.stderr
+    assert "restarted (control master did not answer within 2s (hung))" in tick.stderr
+    # one check_timeout for the verdict, a kill grace, and a launch on loopback
+    assert took < 2 + 2 + 4, "tick took %.1fs" % took
+    assert not pid_alive(old)
+    assert rig.ssh_pids() == [rig.pid()]
+    assert connect_read(remote) == service.greeting
+
+
+def test_vanished_reverse_listener_is_caught_on_the_server(rig, service, sshd):
+    remote, _ = start_reverse(rig, service)
+    old = rig.pid()
+    spec = "%d:127.0.0.1:%d" % (remote, service.port)
+    subprocess.run(sshd.ssh_argv("-S", rig.path("pi", "ctl"), "-O", "cancel",
+                                 "-R", spec, "127.0.0.1"), check=True, capture_output=True)
+    wait_for(lambda: not port_accepts(remote), what="the server to drop the listener")
+    assert pid_alive(old)          # ssh lives on: only the remote check can tell
+    tick = rig.run()
+    assert tick.returncode == 0, tick.stderr
+    assert "restarted (remote forward %d: no listener on server)" % remote in tick.stderr
+    assert not pid_alive(old)
+    assert connect_read(remote) == service.greeting
+
+
+def test_local_forward_to_a_silent_service_counts_as_up(rig, silent_service):
+    local = free_port()
+    rig.write_config(local_forward="%d:127.0.0.1:%d" % (local, silent_service.port))
+    assert rig.run().returncode == 0
+    pid = rig.pid()
+    # the far end accepts and never speaks: `timeout 3 nc` would exit 124 here
+    with socket.create_connection(("127.0.0.1", local), timeout=3) as s:
+        s.settimeout(1)
+        try:
+            assert s.recv(1) == b"", "silent service spoke"
+        except socket.timeout:
+            pass
+    again = rig.run("-v")
+    assert again.returncode == 0
+    assert "local forward %d UP" % local in again.stderr
+    assert "restart" not in again.stderr and rig.pid() == pid
+
+
+def test_no_nc_on_the_server_is_unknown_not_a_restart(sshd_without_nc, make_rig, service):
+    rig = make_rig(sshd_without_nc)
+    remote, first = start_reverse(rig, service)
+    assert "started" in first.stderr
+    assert "remote forward %d: cannot check: no nc on the server" % remote in first.stderr
+    pid = rig.pid()
+    second = rig.run()
+    assert (second.returncode, second.stderr) == (0, "")     # not warned again
+    assert rig.pid() == pid
+    status = json.loads(rig.run("status", "--json").stdout)["tunnels"][0]
+    assert status["checks"][-1] == {"check": "remote forward %d" % remote,
+                                    "verdict": "UNKNOWN",
+                                    "detail": "cannot check: no nc on the server "
+                                              "(install netcat-openbsd there)"}
+    assert connect_read(remote) == service.greeting
+
+
+def test_pidfile_naming_an_unrelated_process_never_harms_it(rig, service):
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+    os.makedirs(os.path.dirname(rig.path("pi", "pid")), exist_ok=True)
+    bystander = subprocess.Popen(["sleep", "300"])
+    try:
+        with open(rig.path("pi", "pid"), "w") as f:
+            f.write("%d\n" % bystander.pid)
+        tick = rig.run()
+        assert tick.returncode == 0, tick.stderr
+        assert "not this tunnel's ssh" in tick.stderr
+        assert bystander.poll() is None and pid_alive(bystander.pid)
+        assert rig.pid() != bystander.pid
+        assert connect_read(remote) == service.greeting
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_simultaneous_ticks_launch_exactly_one_ssh(rig, service):
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+    ticks = [subprocess.Popen([sys.executable, CTUNNEL, "-c", rig.conf],
+                              stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for _ in range(4)]
+    results = [(t.wait(timeout=60), t.stderr.read()) for t in ticks]
+    for t in ticks:
+        t.stderr.close()
+    assert [rc for rc, _ in results] == [0, 0, 0, 0], results
+    assert sum(err.count("started") for _, err in results) == 1, results
+    assert rig.ssh_pids() == [rig.pid()]
+    assert connect_read(remote) == service.greeting
+
+
+def test_stop_and_status_tell_the_truth(rig, service):
+    remote = free_port()
+    local = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port),
+                     local_forward="%d:127.0.0.1:%d" % (local, service.port))
+    before = rig.run("status", "--json")
+    assert before.returncode == 1
+    record = json.loads(before.stdout)["tunnels"][0]
+    assert (record["name"], record["healthy"], record["pid"]) == ("pi", False, None)
+    assert record["checks"] == [{"check": "process", "verdict": "DOWN",
+                                 "detail": "not running"}]
+
+    assert rig.run().returncode == 0
+    pid = rig.pid()
+    up = rig.run("status", "--json")
+    assert up.returncode == 0
+    record = json.loads(up.stdout)["tunnels"][0]
+    assert (record["healthy"], record["pid"]) == (True, pid)
+    assert record["forwards"] == ["-R %d:127.0.0.1:%d" % (remote, service.port),
+                                  "-L %d:127.0.0.1:%d" % (local, service.port)]
+    assert [c["verdict"] for c in record["checks"]] == ["UP"] * 4
+    assert isinstance(record["uptime"], int)
+    human = rig.run("status")
+    assert human.returncode == 0 and "pi: healthy, pid %d" % pid in human.stdout
+
+    stop = rig.run("stop")
+    assert stop.returncode == 0
+    assert "pi: stopped (pid %d)" % pid in stop.stderr
+    wait_for(lambda: not pid_alive(pid), what="ssh to end")
+    assert not os.path.exists(rig.path("pi", "pid"))
+    assert not os.path.exists(rig.path("pi", "ctl"))
+    assert not port_accepts(local)
+    after = json.loads(rig.run("status", "--json").stdout)["tunnels"][0]
+    assert (after["healthy"], after["pid"]) == (False, None)
+    assert rig.ssh_pids() == []
+
+
+def test_tick_runs_under_crons_bare_environment(rig, service, tmp_path):
+    """The crontab line: no arguments, no PATH but /usr/bin:/bin, config beside the script."""
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port),
+                     ssh="ssh")
+    install = tmp_path / "opt"
+    install.mkdir()
+    script = install / "ctunnel.py"
+    script.write_bytes(open(CTUNNEL, "rb").read())
+    script.chmod(0o755)
+    os.rename(rig.conf, str(install / "rstunnel.conf"))
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    tick = subprocess.run([str(script)], env=env, cwd=str(tmp_path), capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert tick.returncode == 0, tick.stderr
+    assert "pi: started" in tick.stderr
+    assert connect_read(remote) == service.greeting
+    again = subprocess.run([str(script)], env=env, capture_output=True, text=True,
+                           stdin=subprocess.DEVNULL, timeout=60)
+    assert (again.returncode, again.stderr) == (0, "")
+
+
+def test_launch_failure_reports_sshs_own_reason(rig, service):
+    # The server's port is held, on both loopback addresses, as a stale
+    # session of ours would hold it (sshd binds both for a -R without address).
+    remote = free_port()
+    squatters = [socket.socket(family) for family in (socket.AF_INET, socket.AF_INET6)]
+    for squatter, address in zip(squatters, ("127.0.0.1", "::1")):
+        squatter.bind((address, remote))
+        squatter.listen(1)
+    try:
+        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+        tick = rig.run()
+        assert tick.returncode == 1
+        lines = tick.stderr.splitlines()
+        assert len(lines) == 1, lines
+        assert "pi: start failed: Error: remote port forwarding failed for listen port %d" \
+            % remote in lines[0]
+        assert "stale session" in lines[0]
+        assert rig.ssh_pids() == []
+    finally:
+        for squatter in squatters:
+            squatter.close()
+    # once the port is free again, the next tick brings the tunnel up
+    tick = rig.run()
+    assert tick.returncode == 0, tick.stderr
+    assert connect_read(remote) == service.greeting
+
+
+def test_refused_key_is_reported(rig, service, tmp_path):
+    stranger = str(tmp_path / "stranger")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger], check=True)
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (free_port(), service.port),
+                     identity_file=stranger)
+    tick = rig.run()
+    assert tick.returncode == 1
+    assert "Permission denied (publickey)" in tick.stderr
+    assert len(tick.stderr.splitlines()) == 1
+
+
+def test_events_reach_syslog(rig, service, tmp_path):
+    log_path = str(tmp_path / "log")
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(log_path)
+    sink.settimeout(5)
+    try:
+        remote = free_port()
+        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+        env = dict(os.environ, CTUNNEL_SYSLOG=log_path)
+        tick = rig.run(env=env)
+        assert tick.returncode == 0
+        message = sink.recv(4096).decode()
+        assert message.startswith("<13>ctunnel[")       # user.notice
+        assert message.endswith("pi: started (pid %d)" % rig.pid())
+    finally:
+        sink.close()
+
+
+def test_server_gone_silent_without_rst(make_rig, service, tmp_path):
+    """The power cut of the seeds: no RST, and a stale session holds the port.
+
+    Stopping the server's session process makes the server silent: TCP stays
+    up, nothing answers. The client's keepalive gives up; the server still
+    holds the reverse port until its own session ends.
+    """
+    server = SshServer(str(tmp_path))
+    try:
+        rig = make_rig(server)
+        remote, _ = start_reverse(rig, service, server_alive_interval=1,
+                                  server_alive_count_max=2, check_timeout=2)
+        old = rig.pid()
+        sessions = descendants(server.proc.pid)
+        for pid in sessions:
+            os.kill(pid, signal.SIGSTOP)
+        wait_for(lambda: not pid_alive(old), what="ssh keepalive to give up")
+        assert port_accepts(remote)        # the stale session still listens
+
+        tick = rig.run()
+        assert tick.returncode == 1
+        (line,) = tick.stderr.splitlines()
+        assert ("pi: restart failed (process %d gone; ssh said: Timeout, server "
+                "127.0.0.1 not responding.): Error: remote port forwarding failed "
+                "for listen port %d" % (old, remote)) in line
+        assert "stale session" in line
+
+        for pid in sessions:               # the server notices and drops it
+            os.kill(pid, signal.SIGCONT)
+        wait_for(lambda: not port_accepts(remote), what="the stale session to end")
+        tick = rig.run()
+        assert tick.returncode == 0, tick.stderr
+        assert connect_read(remote) == service.greeting
+    finally:
+        server.stop()
+
+
+def test_lost_pidfile_does_not_leave_an_orphan_holding_the_port(rig, service):
+    remote, _ = start_reverse(rig, service)
+    old = rig.pid()
+    os.unlink(rig.path("pi", "pid"))
+    tick = rig.run()
+    assert tick.returncode == 0, tick.stderr
+    assert not pid_alive(old)             # found by its control socket in argv
+    assert rig.ssh_pids() == [rig.pid()]
+    assert connect_read(remote) == service.greeting
