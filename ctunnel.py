@@ -193,7 +193,9 @@ def read_config(path):
     except UnicodeDecodeError:
         raise ConfigError("%s: not a text file (expected UTF-8 ini)" % path)
     except configparser.Error as e:
-        first = str(e).splitlines()[0]
+        # configparser repeats the file name; keep its line number and words
+        first = re.sub(r"^While reading from .*? \[line\s*(\d+)\]", r"line \1",
+                       str(e).splitlines()[0])
         raise ConfigError("%s: malformed config: %s" % (path, first))
     return parser
 

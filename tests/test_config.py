@@ -1,0 +1,295 @@
+"""Config and command line: bad input is one line and exit 2, never a traceback.
+
+Also the pure pieces (forward specs, ports, argv building) as input/output tables.
+"""
+
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import tempfile
+import subprocess
+import sys
+
+import pytest
+
+from conftest import CTUNNEL
+
+_spec = importlib.util.spec_from_file_location("ctunnel", CTUNNEL)
+ctunnel = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ctunnel)
+
+
+def run(*args, env=None, cwd=None):
+    return subprocess.run([sys.executable, CTUNNEL] + list(args), capture_output=True,
+                          text=True, stdin=subprocess.DEVNULL, timeout=30, env=env, cwd=cwd)
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    key = tmp_path / "key"
+    key.write_text("not really a key\n")
+    return str(key)
+
+
+def good_section(tmp_path, keyfile, **override):
+    """A valid tunnel body; override replaces keys (None drops one)."""
+    keys = {"host": "example.invalid", "remote_forward": "1122:127.0.0.1:22",
+            "identity_file": keyfile, "state_dir": str(tmp_path / "st")}
+    keys.update(override)
+    return "".join("%s = %s\n" % kv for kv in keys.items() if kv[1] is not None)
+
+
+BAD_CONFIGS = [
+    # (name, config text with {good} for a valid tunnel body, words the line must hold)
+    ("malformed", "this is not ini\n", ["malformed config"]),
+    ("no section header", "host = x\n", ["malformed config"]),
+    ("duplicate section", "[a]\n{good}[a]\n{good}", ["malformed config", "already exists"]),
+    ("no tunnels", "[DEFAULT]\nport = 22\n", ["no tunnels"]),
+    ("unknown key", "[pi]\n{good}remote_fowrard = 1:a:2\n", ["[pi]", 'unknown key "remote_fowrard"']),
+    ("unknown default key", "[DEFAULT]\nprot = 22\n[pi]\n{good}", ["[DEFAULT]", '"prot"']),
+    ("missing host", "[pi]\n{good|host}", ["[pi]", "host is missing"]),
+    ("host as option", "[pi]\n{good|host=-oProxyCommand=x}", ["host", "not a valid host"]),
+    ("bad port", "[pi]\n{good}port = 80a\n", ["[pi]", 'port "80a" is not a port (use 1-65535)']),
+    ("port out of range", "[pi]\n{good}port = 70000\n", ['"70000" is not a port']),
+    ("bad forward", "[pi]\n{good|remote_forward=1122-127.0.0.1-22}",
+     ["remote_forward", '"1122-127.0.0.1-22" is not [bind:]port:host:hostport']),
+    ("forward port", "[pi]\n{good}local_forward = 99999:127.0.0.1:22\n",
+     ["local_forward", '"99999" is not a port']),
+    ("shell in forward", "[pi]\n{good|remote_forward=1122:127.0.0.1:22;reboot}",
+     ["remote_forward", "is not [bind:]port:host:hostport"]),
+    ("no forward", "[pi]\nhost = h\n", ["no forwards"]),
+    ("missing identity", "[pi]\n{good|identity_file=/nonexistent/key}",
+     ['identity_file "/nonexistent/key" is not a readable file']),
+    ("identity is a dir", "[pi]\n{good|identity_file=/tmp}", ['"/tmp" is not a readable file']),
+    ("missing ssh_config", "[pi]\n{good}ssh_config = /nonexistent/cfg\n", ["ssh_config"]),
+    ("bad option", "[pi]\n{good}ssh_options = Compression yes\n",
+     ["ssh_options", '"Compression yes" is not Key=Value']),
+    ("bad timeout", "[pi]\n{good}check_timeout = soon\n", ["check_timeout", "positive"]),
+    ("nan timeout", "[pi]\n{good}check_timeout = nan\n", ["check_timeout"]),
+    ("bad interval", "[pi]\n{good}server_alive_interval = 0\n", ["server_alive_interval"]),
+    ("no ssh", "[pi]\n{good}ssh = /nonexistent/ssh\n", ['ssh "/nonexistent/ssh" not found']),
+    ("state_dir under a file", "[pi]\n{good|state_dir=/etc/hostname/sub}",
+     ['state_dir "/etc/hostname/sub" cannot be created']),
+    ("state_dir too long", "[pi]\n{good|state_dir=/tmp/%s}" % ("d" * 120), ["too long"]),
+    ("bad name", "[my tunnel]\n{good}", ['tunnel name "my tunnel"']),
+]
+
+
+@pytest.mark.parametrize("name,text,words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_config_is_one_line_and_exit_2(tmp_path, keyfile, name, text, words):
+    conf = tmp_path / "rstunnel.conf"
+    m = re.search(r"\{good\|(\w+)(?:=(.*))?\}", text)
+    if m:   # {good|key=value}: the valid body with one key replaced (or dropped)
+        text = text.replace(m.group(0), good_section(tmp_path, keyfile,
+                                                    **{m.group(1): m.group(2)}))
+    conf.write_text(text.replace("{good}", good_section(tmp_path, keyfile)))
+    result = run("-c", str(conf))
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("ctunnel: %s" % conf), lines[0]
+    for word in words:
+        assert word in lines[0]
+
+
+def test_missing_config_file(tmp_path):
+    result = run("-c", str(tmp_path / "nope.conf"))
+    assert result.returncode == 2
+    assert result.stderr == "ctunnel: %s: cannot read config: No such file or directory\n" \
+        % (tmp_path / "nope.conf")
+
+
+def test_binary_config_file(tmp_path):
+    conf = tmp_path / "c"
+    conf.write_bytes(b"\xff\xfe\x00garbage")
+    result = run("-c", str(conf))
+    assert (result.returncode, result.stderr.count("\n")) == (2, 1)
+    assert "not a text file" in result.stderr
+
+
+def test_unreadable_identity_file_as_non_root(tmp_path):
+    """Root reads any file, so drop to nobody to see a mode-000 key refused."""
+    top = tempfile.mkdtemp(prefix="ctperm", dir="/tmp")   # reachable by nobody
+    try:
+        os.chmod(top, 0o755)
+        key = os.path.join(top, "key")
+        with open(key, "w") as f:
+            f.write("k")
+        os.chmod(key, 0)
+        conf = os.path.join(top, "c.conf")
+        with open(conf, "w") as f:
+            f.write("[pi]\nhost = h\nremote_forward = 1:a:2\nidentity_file = %s\n"
+                    "state_dir = /tmp\n" % key)
+        os.chmod(conf, 0o644)
+        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
+            if os.geteuid() == 0 else []
+        result = subprocess.run(prefix + [sys.executable, CTUNNEL, "-c", conf],
+                                capture_output=True, text=True, timeout=30)
+    finally:
+        shutil.rmtree(top)
+    assert result.returncode == 2, result.stderr
+    assert 'identity_file "%s" is not a readable file' % key in result.stderr
+
+
+def test_unknown_tunnel_name(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile))
+    result = run("-c", str(conf), "status", "cam")
+    assert result.returncode == 2
+    assert result.stderr == 'ctunnel: no tunnel named "cam" in %s (have: pi)\n' % conf
+
+
+def test_usage_errors_exit_2_and_help_exits_0():
+    assert run("--bogus").returncode == 2
+    assert run("check", "--json").returncode == 2
+    helped = run("--help")
+    assert helped.returncode == 0 and "exit status:" in helped.stdout
+    assert run("--version").stdout.startswith("ctunnel ")
+
+
+def test_config_search_order(tmp_path):
+    env_conf = str(tmp_path / "env.conf")
+    assert ctunnel.find_config("/x.conf", environ={"CTUNNEL_CONFIG": env_conf}) == "/x.conf"
+    assert ctunnel.find_config(None, environ={"CTUNNEL_CONFIG": env_conf}) == env_conf
+    beside = tmp_path / "opt"
+    beside.mkdir()
+    (beside / "rstunnel.conf").write_text("")
+    assert ctunnel.find_config(None, environ={}, script=str(beside / "ctunnel.py")) == \
+        str(beside / "rstunnel.conf")
+
+
+def test_no_config_anywhere_names_the_places(tmp_path):
+    env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
+    script = tmp_path / "ctunnel.py"
+    script.write_bytes(open(CTUNNEL, "rb").read())
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=env, timeout=30)
+    if os.path.exists("/etc/ctunnel/rstunnel.conf"):
+        pytest.fail("this machine has /etc/ctunnel/rstunnel.conf; the test needs it absent")
+    assert result.returncode == 2
+    assert "no config found" in result.stderr and "-c FILE" in result.stderr
+
+
+def test_defaults_are_inherited_and_sections_override(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[DEFAULT]\nhost = vps\nuser = pi\ncheck_timeout = 7\nstate_dir = %s\n"
+                    "[a]\nremote_forward = 1122:127.0.0.1:22\n"
+                    "[b]\nhost = other\nlocal_forward =\n  8080:127.0.0.1:80\n"
+                    "  127.0.0.1:8443:[::1]:443\nssh_options = Compression=yes\n  ConnectionAttempts=2\n"
+                    % (tmp_path / "st"))
+    a, b = ctunnel.load_config(str(conf))
+    assert (a.host, a.user, a.check_timeout, b.host) == ("vps", "pi", 7.0, "other")
+    assert [f.spec for f in b.forwards] == ["8080:127.0.0.1:80", "127.0.0.1:8443:[::1]:443"]
+    assert b.ssh_options == ("Compression=yes", "ConnectionAttempts=2")
+    assert stat.S_IMODE(os.stat(str(tmp_path / "st")).st_mode) == 0o700
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("1122:127.0.0.1:22", ("", 1122, "127.0.0.1", 22)),
+    ("0.0.0.0:8080:localhost:80", ("0.0.0.0", 8080, "localhost", 80)),
+    ("*:8080:cam.lan:80", ("*", 8080, "cam.lan", 80)),
+    ("[::1]:2222:[fe80::1]:22", ("[::1]", 2222, "[fe80::1]", 22)),
+    (" 1122:127.0.0.1:22 ", ("", 1122, "127.0.0.1", 22)),
+])
+def test_parse_forward_accepts(spec, expected):
+    f = ctunnel.parse_forward(spec)
+    assert (f.bind, f.port, f.host, f.hostport) == expected
+
+
+@pytest.mark.parametrize("spec", ["1122", "1122:22", "a:b:c:d", "0:127.0.0.1:22",
+                                  "1122:127.0.0.1:65536", "1122:127.0.0.1:22 ; id",
+                                  "$(id):1122:h:22", "1122:h:22:33:44", ""])
+def test_parse_forward_rejects(spec):
+    with pytest.raises(ValueError):
+        ctunnel.parse_forward(spec)
+
+
+@pytest.mark.parametrize("bind,address", [("", "127.0.0.1"), ("*", "127.0.0.1"),
+                                          ("0.0.0.0", "127.0.0.1"),
+                                          ("localhost", "127.0.0.1"), ("[::]", "::1"),
+                                          ("10.0.0.5", "10.0.0.5"), ("[::1]", "::1")])
+def test_check_address(bind, address):
+    spec = ("%s:1122:h:22" % bind) if bind else "1122:h:22"
+    assert ctunnel.check_address(ctunnel.parse_forward(spec)) == address
+
+
+def make_tunnel(tmp_path, **over):
+    base = dict(name="pi", host="vps", user="", port=None, identity_file="", ssh_config="",
+                forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),), ssh_options=(),
+                ssh="/usr/bin/ssh", alive_interval=10, alive_count=3, check_timeout=5.0,
+                state_dir=str(tmp_path))
+    base.update(over)
+    return ctunnel.Tunnel(**base)
+
+
+def test_launch_argv_keeps_our_options_first_and_never_a_shell(tmp_path):
+    t = make_tunnel(tmp_path, user="pi", port=2222, identity_file="/k",
+                    ssh_options=("ExitOnForwardFailure=no", "Compression=yes"),
+                    forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),
+                              ctunnel.parse_forward("8080:127.0.0.1:80", "L")))
+    argv = ctunnel.build_launch_argv(t)
+    assert argv[:3] == ["/usr/bin/ssh", "-f", "-N"]
+    # ssh takes the first value of an option: ours come before the user's
+    assert argv.index("ExitOnForwardFailure=yes") < argv.index("ExitOnForwardFailure=no")
+    assert "BatchMode=yes" in argv and "StrictHostKeyChecking=no" not in argv
+    assert argv[-2:] == ["--", "vps"]
+    assert ["-R", "1122:127.0.0.1:22"] == argv[argv.index("-R"):argv.index("-R") + 2]
+    assert ["-L", "8080:127.0.0.1:80"] == argv[argv.index("-L"):argv.index("-L") + 2]
+    assert ["-p", "2222", "-l", "pi"] == argv[argv.index("-p"):argv.index("-p") + 4]
+
+
+def test_mux_argv_cannot_fall_back_to_a_new_connection(tmp_path):
+    t = make_tunnel(tmp_path)
+    argv = ctunnel.build_mux_argv(t, "nc", "-z", "127.0.0.1", "1122")
+    assert "ProxyCommand=false" in argv
+    assert argv[argv.index("-S") + 1] == str(tmp_path / "pi.ctl")
+    assert argv[-6:] == ["--", "vps", "nc", "-z", "127.0.0.1", "1122"]
+    assert ctunnel.remote_check_command(t, t.forwards[0]) == \
+        ["nc", "-z", "-w", "4", "127.0.0.1", "1122"]
+
+
+def test_dry_run_prints_commands_and_runs_nothing(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile))
+    result = run("-c", str(conf), "-n")
+    assert result.returncode == 0 and result.stderr == ""
+    lines = result.stdout.splitlines()
+    assert lines[0] == "# pi: check, then launch if a check fails"
+    assert "-O check" in lines[1]
+    assert lines[2].endswith("-- example.invalid nc -z -w 4 127.0.0.1 1122")
+    assert "ExitOnForwardFailure=yes" in lines[3]
+    assert not os.path.exists(str(tmp_path / "st" / "pi.pid"))
+    assert not os.path.exists(str(tmp_path / "st" / "pi.log"))
+
+
+def test_process_identity_is_the_control_socket_in_argv(tmp_path):
+    t = make_tunnel(tmp_path)
+    ctl = str(tmp_path / "pi.ctl")
+    mine = subprocess.Popen(["/bin/sh", "-c", "exec -a ssh sleep 30", "x"])
+    other = subprocess.Popen(["sleep", "30", "-S", ctl])   # our path, but not ssh
+    try:
+        assert not ctunnel.is_tunnel_ssh(mine.pid, t)        # ssh, but not our socket
+        assert not ctunnel.is_tunnel_ssh(other.pid, t)
+        assert not ctunnel.is_tunnel_ssh(os.getpid(), t)
+        assert ctunnel.process_alive(mine.pid)
+    finally:
+        for p in (mine, other):
+            p.kill()
+            p.wait()
+    assert not ctunnel.process_alive(mine.pid)
+
+
+def test_example_config_is_valid(tmp_path):
+    """rstunnel.conf.example parses once its key exists (HOME points at a temp dir)."""
+    (tmp_path / ".ssh").mkdir()
+    (tmp_path / ".ssh" / "ctunnel_ed25519").write_text("k")
+    example = os.path.join(os.path.dirname(CTUNNEL), "rstunnel.conf.example")
+    result = run("-c", example, "-n", env=dict(os.environ, HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("# ") == 2          # the two tunnels
+    assert "-R 8080:192.168.1.20:80 -R 8554:192.168.1.20:554 -L 1883:127.0.0.1:1883" \
+        in result.stdout
+    assert "-p 2222" in result.stdout
