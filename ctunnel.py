@@ -796,12 +796,16 @@ def tick_tunnel(tunnel, verbose=False):
         lock.release()
 
 
+def _verdict_events(tunnel, verdicts):
+    return [Event(LOG_INFO, "%s: %s %s (%s)" % (tunnel.name, v.check, v.state, v.detail))
+            for v in verdicts]
+
+
 def _tick_locked(tunnel, verbose):
     events = []
     verdicts = run_ladder(tunnel)
     if verbose:
-        events += [Event(LOG_INFO, "%s: %s %s (%s)" % (tunnel.name, v.check, v.state, v.detail))
-                   for v in verdicts]
+        events += _verdict_events(tunnel, verdicts)
     down = first_down(verdicts)
     state = read_state(tunnel)
     if down is None:
@@ -818,6 +822,8 @@ def _tick_locked(tunnel, verbose):
     pid, failure = launch_tunnel(tunnel)
     if failure is None:
         verdicts = run_ladder(tunnel, with_process=False)
+        if verbose:
+            events += _verdict_events(tunnel, verdicts)
         after = first_down(verdicts)
         if after is not None:
             failure = "came up but %s: %s" % (after.check, after.detail)

@@ -128,7 +128,7 @@ def port_accepts(port):
 class SshServer:
     """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
 
-    def __init__(self, directory, force_command=None):
+    def __init__(self, directory, force_command=None, key_options=""):
         self.dir = directory
         self.port = free_port()
         self.user = getpass.getuser()
@@ -141,7 +141,9 @@ class SshServer:
         for key in (self.host_key, self.user_key):
             subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key],
                            check=True, stdin=subprocess.DEVNULL)
-        shutil.copy(self.user_key + ".pub", os.path.join(directory, "authorized_keys"))
+        with open(self.user_key + ".pub") as src, \
+                open(os.path.join(directory, "authorized_keys"), "w") as dst:
+            dst.write((key_options + " " if key_options else "") + src.read())
         with open(self.host_key + ".pub") as f:
             key_type, key_data = f.read().split()[:2]
         with open(self.known_hosts, "w") as f:

@@ -315,3 +315,28 @@ def test_lost_pidfile_does_not_leave_an_orphan_holding_the_port(rig, service):
     assert not pid_alive(old)             # found by its control socket in argv
     assert rig.ssh_pids() == [rig.pid()]
     assert connect_read(remote) == service.greeting
+
+
+def test_restricted_key_line_from_the_readme_allows_the_tunnel_and_its_check(
+        make_rig, service, tmp_path):
+    """restrict,port-forwarding,permitlisten=...: the tunnel and the nc check work,
+    and a forward to any other port is refused."""
+    remote = free_port()
+    server = SshServer(str(tmp_path), key_options='restrict,port-forwarding,'
+                       'permitlisten="localhost:%d"' % remote)
+    try:
+        rig = make_rig(server)
+        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+        tick = rig.run("-v")
+        assert tick.returncode == 0, tick.stderr
+        assert "remote forward %d UP (listening on server)" % remote in tick.stderr
+        assert connect_read(remote) == service.greeting
+
+        other = free_port()
+        rig.write_config(name="other",
+                         remote_forward="%d:127.0.0.1:%d" % (other, service.port))
+        refused = rig.run()
+        assert refused.returncode == 1
+        assert "remote port forwarding failed for listen port %d" % other in refused.stderr
+    finally:
+        server.stop()
