@@ -152,6 +152,26 @@ def parse_port(text):
     return int(text)
 
 
+def parse_host(text, what="host"):
+    """Return text as an ssh destination (or user) name, or raise ValueError.
+
+    It becomes an argv element of ssh, so it may not look like an option.
+    """
+    text = text.strip()
+    if not text or text.startswith("-") or re.search(r"[\s@'\"\\;|&$`]", text):
+        raise ValueError('"%s" is not a valid %s name' % (text, what))
+    return text
+
+
+def parse_tunnel_name(text):
+    """Return text as a tunnel name (it names files in state_dir), or raise ValueError."""
+    text = text.strip()
+    if not _NAME_RE.match(text):
+        raise ValueError('tunnel name "%s" may use only letters, digits, "_", "." and "-"'
+                         % text)
+    return text
+
+
 def check_address(forward):
     """Return the address a check connects to for this forward's listener."""
     bind = forward.bind.strip("[]")
@@ -162,6 +182,15 @@ def check_address(forward):
     return bind
 
 
+def config_candidates(script=__file__):
+    """Return the places a config is looked for when neither -c nor $CTUNNEL_CONFIG says."""
+    return [
+        os.path.join(os.path.dirname(os.path.realpath(script)), CONFIG_NAME),
+        os.path.expanduser("~/.config/ctunnel/" + CONFIG_NAME),
+        "/etc/ctunnel/" + CONFIG_NAME,
+    ]
+
+
 def find_config(explicit=None, environ=None, script=__file__):
     """Return the config path to use, following the documented search order."""
     environ = os.environ if environ is None else environ
@@ -169,11 +198,7 @@ def find_config(explicit=None, environ=None, script=__file__):
         return explicit
     if environ.get(CONFIG_ENV):
         return environ[CONFIG_ENV]
-    candidates = [
-        os.path.join(os.path.dirname(os.path.realpath(script)), CONFIG_NAME),
-        os.path.expanduser("~/.config/ctunnel/" + CONFIG_NAME),
-        "/etc/ctunnel/" + CONFIG_NAME,
-    ]
+    candidates = config_candidates(script)
     for path in candidates:
         if os.path.exists(path):
             return path
@@ -219,9 +244,10 @@ def load_config(path):
 
 def _load_tunnel(path, name, section):
     where = "%s [%s]" % (path, name)
-    if not _NAME_RE.match(name):
-        raise ConfigError('%s: tunnel name "%s" may use only letters, digits, '
-                          '"_", "." and "-"' % (where, name))
+    try:
+        parse_tunnel_name(name)
+    except ValueError as e:
+        raise ConfigError("%s: %s" % (where, e))
     for key in section:
         if key not in KNOWN_KEYS:
             raise ConfigError('%s: unknown key "%s" (known: %s)'
@@ -233,9 +259,12 @@ def _load_tunnel(path, name, section):
     host = section.get("host", "").strip()
     if not host:
         raise bad("host", "is missing (the ssh server or its ssh_config alias)")
-    for key, value in (("host", host), ("user", section["user"].strip())):
-        if value.startswith("-") or re.search(r"[\s@'\"\\;|&$`]", value):
-            raise bad(key, '"%s" is not a valid %s name' % (value, key))
+    user = section["user"].strip()
+    for key, value in (("host", host), ("user", user)):
+        try:
+            value and parse_host(value, key)
+        except ValueError as e:
+            raise bad(key, str(e))
 
     port = section["port"].strip()
     if port:
@@ -262,7 +291,7 @@ def _load_tunnel(path, name, section):
     return Tunnel(
         name=name,
         host=host,
-        user=section["user"].strip(),
+        user=user,
         port=port or None,
         identity_file=_readable_file(section["identity_file"], bad, "identity_file"),
         ssh_config=_readable_file(section["ssh_config"], bad, "ssh_config"),

@@ -128,7 +128,8 @@ def port_accepts(port):
 class SshServer:
     """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
 
-    def __init__(self, directory, force_command=None, key_options=""):
+    def __init__(self, directory, force_command=None, key_options="", home=None):
+        """home: give sessions this HOME (ssh-copy-id writes to $HOME/.ssh there)."""
         self.dir = directory
         self.port = free_port()
         self.user = getpass.getuser()
@@ -152,12 +153,16 @@ class SshServer:
             "ListenAddress 127.0.0.1:%d" % self.port,
             "HostKey %s" % self.host_key,
             "PidFile %s" % os.path.join(directory, "sshd.pid"),
-            "AuthorizedKeysFile %s" % os.path.join(directory, "authorized_keys"),
+            "AuthorizedKeysFile %s %s" % (os.path.join(directory, "authorized_keys"),
+                                          os.path.join(home or directory, ".ssh",
+                                                       "authorized_keys")),
             "StrictModes no", "UsePAM no", "PasswordAuthentication no",
             "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
             "AllowTcpForwarding yes", "ClientAliveInterval 5", "ClientAliveCountMax 2",
             "MaxStartups 100", "MaxSessions 100", "LogLevel VERBOSE",
         ]
+        if home:
+            force_command = 'HOME=%s; export HOME; cd; eval "$SSH_ORIGINAL_COMMAND"' % home
         if force_command:
             lines.append("ForceCommand %s" % force_command)
         with open(self.config, "w") as f:

@@ -1,0 +1,642 @@
+#!/usr/bin/env python3
+"""install.py - set up a self-healing ctunnel tunnel, from a fresh box to a running tunnel.
+
+usage: python3 install.py                 (asks; defaults in [brackets])
+       python3 install.py --yes --host vps.example.com --remote-forward 1122:127.0.0.1:22
+
+It asks for the server, the forwards and the key, then:
+  1. makes sure the server's host key is known (shows its fingerprint first)
+  2. makes a dedicated ed25519 key without passphrase, if asked to
+  3. installs the public key on the server (ssh-copy-id) and proves that a
+     non-interactive login works
+  4. checks the server: is nc there, are the reverse ports free
+  5. writes the tunnel's section into the config (atomically, mode 0600,
+     keeping the other tunnels and their comments)
+  6. adds the crontab line, once
+  7. prints the settings the server needs, then runs one tick and shows status
+
+Every answer has a flag; with --yes nothing is asked, and a missing required
+answer exits 2 naming its flag.
+
+exit status:
+  0    the tunnel is set up and up
+  1    setup stopped, or the first tick failed (the reason is printed)
+  2    usage error or a missing or bad answer with --yes
+  130  interrupted
+"""
+
+import argparse
+import os
+import pwd
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
+import ctunnel  # noqa: E402  (beside this file; its parsing and validation are reused)
+
+CTUNNEL_PY = os.path.join(os.path.dirname(os.path.realpath(__file__)), "ctunnel.py")
+DEFAULT_KEY = "~/.ssh/ctunnel_ed25519"
+DEFAULT_REMOTE_PORT = "1122"
+DEFAULT_TARGET = "127.0.0.1:22"
+CRON_COMMENT = "# ctunnel: check the SSH tunnels every minute (added by install.py)"
+SSH_TIMEOUT = 20          # seconds for one non-interactive ssh to the server
+LOOPBACK_BINDS = ("", "localhost", "127.0.0.1", "[::1]")
+
+KEY_WHY = """\
+The tunnel logs in with a key of its own, without a passphrase: cron cannot
+type one. Keep it for this tunnel only. The server can then restrict it to
+just these forwards, and you can revoke it without touching your own logins."""
+
+
+# ---------------------------------------------------------------------------
+# Errors and asking
+# ---------------------------------------------------------------------------
+
+class Abort(Exception):
+    """Stop the wizard with one line and an exit status."""
+
+    def __init__(self, message, status=1):
+        Exception.__init__(self, message)
+        self.status = status
+
+
+class Asker:
+    """Ask questions on the terminal, or answer them from flags with --yes."""
+
+    def __init__(self, interactive, out=sys.stdout):
+        self.interactive = interactive
+        self.out = out
+        self.written = None    # the config file, once it is written
+
+    def say(self, text=""):
+        self.out.write(text + "\n")
+        self.out.flush()
+
+    def ask(self, question, default=None, parse=str, preset=None, flag=None):
+        """Return parse(answer). A preset (from a flag) is used as the answer.
+
+        Interactive: a bad answer is explained and asked again. With --yes: the
+        default is taken, and a missing answer with no default exits 2.
+        """
+        if preset is not None:
+            try:
+                return parse(str(preset))
+            except ValueError as e:
+                raise Abort("%s: %s" % (flag, e), 2)
+        if not self.interactive:
+            if default is None:
+                raise Abort("missing answer: %s (give %s)" % (question, flag), 2)
+            return parse(default)
+        prompt = "%s [%s]: " % (question, default) if default else "%s: " % question
+        while True:
+            answer = self._input(prompt, question).strip()
+            if not answer and default is not None:
+                answer = default
+            try:
+                return parse(answer)
+            except ValueError as e:
+                self.say("  %s; try again." % e)
+
+    def confirm(self, question, default=True, preset=None):
+        """Ask a yes/no question; preset (True/False from a flag) answers it."""
+        if preset is not None:
+            return preset
+        if not self.interactive:
+            return default
+        hint = "Y/n" if default else "y/N"
+        while True:
+            answer = self._input("%s [%s]: " % (question, hint), question).strip().lower()
+            if not answer:
+                return default
+            if answer in ("y", "yes", "n", "no"):
+                return answer.startswith("y")
+            self.say("  please answer y or n.")
+
+    def _input(self, prompt, question):
+        self.out.write(prompt)
+        self.out.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise Abort("end of input at \"%s\"" % question)
+        return line
+
+
+# ---------------------------------------------------------------------------
+# Answers: parsing, with ctunnel's own rules
+# ---------------------------------------------------------------------------
+
+def parse_target(text):
+    """host:port on this side of a reverse forward (e.g. 127.0.0.1:22)."""
+    return ctunnel.parse_forward("1:" + text.strip()).spec[2:]
+
+
+def parse_forward_or_empty(text):
+    return ctunnel.parse_forward(text).spec if text.strip() else ""
+
+
+def parse_key_path(text):
+    """A private key without passphrase, or a path where one can be made."""
+    path = os.path.abspath(os.path.expanduser(text.strip()))
+    if not text.strip():
+        raise ValueError("give a file name")
+    if os.path.isdir(path):
+        raise ValueError('"%s" is a folder' % text.strip())
+    if os.path.exists(path):
+        probe = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", path],
+                               stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if probe.returncode != 0:
+            raise ValueError('"%s" is not a private key without passphrase (cron cannot '
+                             'type one); name a new file to create one' % text.strip())
+    return path
+
+
+def parse_config_path(text):
+    path = os.path.abspath(os.path.expanduser(text.strip()))
+    if not text.strip():
+        raise ValueError("give a file name")
+    if os.path.isdir(path):
+        raise ValueError('"%s" is a folder' % text.strip())
+    if os.path.exists(path):
+        ctunnel.read_config(path)  # raises ConfigError, reported by the caller
+    return path
+
+
+def default_config_path():
+    """Where ctunnel.py looks first; or the config it already uses, if any."""
+    if os.environ.get(ctunnel.CONFIG_ENV):
+        return os.environ[ctunnel.CONFIG_ENV]
+    candidates = ctunnel.config_candidates(CTUNNEL_PY)
+    return next((p for p in candidates if os.path.exists(p)), candidates[0])
+
+
+def default_name(host):
+    label = re.sub(r"[^A-Za-z0-9_-]", "-", host.split(".")[0]) or "tunnel"
+    return label if ctunnel._NAME_RE.match(label) else "tunnel"
+
+
+def local_user():
+    return pwd.getpwuid(os.getuid()).pw_name
+
+
+# ---------------------------------------------------------------------------
+# The questions
+# ---------------------------------------------------------------------------
+
+def ask_plan(args, asker):
+    """Ask everything that needs no network; return the answers as a Namespace."""
+    p = argparse.Namespace(ssh_config=args.ssh_config)
+    asker.say("ctunnel setup: a tunnel from this box to an ssh server, kept up by cron.\n")
+    p.host = asker.ask("ssh server (name, IP or ssh_config alias)", parse=ctunnel.parse_host,
+                       preset=args.host, flag="--host")
+    p.port = asker.ask("its ssh port", "22", ctunnel.parse_port, args.port, "--port")
+    p.user = asker.ask("login user on the server", local_user(),
+                       lambda s: ctunnel.parse_host(s, "user"), args.user, "--user")
+    p.name = asker.ask("name of this tunnel", default_name(p.host), ctunnel.parse_tunnel_name,
+                       args.name, "--name")
+    p.remote, p.local = ask_forwards(args, asker)
+    if asker.interactive and args.identity_file is None:
+        asker.say("\n" + KEY_WHY)
+    p.key = asker.ask("key file, existing or to be created", DEFAULT_KEY, parse_key_path,
+                      args.identity_file, "--identity-file")
+    try:
+        p.config = asker.ask("write the config to", default_config_path(), parse_config_path,
+                             args.config, "--config")
+    except ctunnel.ConfigError as e:
+        raise Abort("%s: fix it or choose another file" % e, 2)
+    p.cron = asker.confirm("add the crontab line that checks the tunnel every minute?",
+                           True, args.cron)
+    return p
+
+
+def ask_forwards(args, asker):
+    """Return (remote specs, local specs); at least one forward in all."""
+    if args.remote_forward or args.local_forward:
+        return (_flag_specs(asker, "--remote-forward", args.remote_forward),
+                _flag_specs(asker, "--local-forward", args.local_forward))
+    if not asker.interactive:
+        raise Abort("missing answer: what to forward (give --remote-forward or "
+                    "--local-forward)", 2)
+    while True:
+        remote, local = [], []
+        asker.say("\nA reverse forward makes a port on the server lead to this side, e.g. "
+                  "the server's 1122 to this box's ssh (127.0.0.1:22).")
+        if asker.confirm("expose a port of this box on the server (reverse forward)?", True):
+            port = asker.ask("  port on the server", DEFAULT_REMOTE_PORT, ctunnel.parse_port)
+            target = asker.ask("  leads to host:port on this side", DEFAULT_TARGET,
+                               parse_target)
+            remote.append("%d:%s" % (port, target))
+            remote += _more_specs(asker, "  another reverse forward [bind:]port:host:hostport"
+                                         " (empty: done)")
+        local += _more_specs(asker, "local forward [bind:]port:host:hostport (empty: none)")
+        if remote or local:
+            return remote, local
+        asker.say("  A tunnel needs at least one forward.")
+
+
+def _flag_specs(asker, flag, specs):
+    return [asker.ask(flag, parse=ctunnel.parse_forward, preset=spec, flag=flag).spec
+            for spec in specs or []]
+
+
+def _more_specs(asker, question):
+    specs = []
+    while True:
+        spec = asker.ask(question, "", parse_forward_or_empty)
+        if not spec:
+            return specs
+        specs.append(spec)
+
+
+# ---------------------------------------------------------------------------
+# Talking to the server
+# ---------------------------------------------------------------------------
+
+def ssh_base(plan, batch=True):
+    """ssh argv up to the destination options, for this plan's server."""
+    argv = ["ssh"]
+    if plan.ssh_config:
+        argv += ["-F", plan.ssh_config]
+    argv += ["-p", str(plan.port), "-l", plan.user]
+    if batch:
+        argv += ["-o", "BatchMode=yes", "-i", plan.key, "-o", "IdentitiesOnly=yes",
+                 "-o", "ConnectTimeout=10"]
+    return argv
+
+
+def ssh_run(plan, *command):
+    """Run a command on the server with the tunnel's key; return (status, stderr)."""
+    argv = ssh_base(plan) + ["--", plan.host] + list(command)
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=SSH_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        return None, "no answer within %ds" % SSH_TIMEOUT
+    return proc.returncode, proc.stderr.strip()
+
+
+def resolved_ssh(plan):
+    """What ssh makes of host/port/user (ssh -G): a dict of lowercase keys."""
+    argv = ["ssh", "-G"] + (["-F", plan.ssh_config] if plan.ssh_config else []) + \
+        ["-p", str(plan.port), "-l", plan.user, "--", plan.host]
+    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=SSH_TIMEOUT)
+    if proc.returncode != 0:
+        raise Abort("ssh cannot use these settings: %s" % proc.stderr.strip())
+    settings = {}
+    for line in proc.stdout.splitlines():
+        key, _, value = line.partition(" ")
+        settings.setdefault(key, value)
+    return settings
+
+
+def ensure_host_key(plan, asker, accept):
+    """Make sure the server's host key is known, asking before trusting a new one."""
+    s = resolved_ssh(plan)
+    host, port = s.get("hostkeyalias", "none"), s["port"]
+    host = s["hostname"] if host == "none" else host
+    entry = host if port == "22" else "[%s]:%s" % (host, port)
+    files = [os.path.expanduser(f) for f in s.get("userknownhostsfile", "").split()]
+    for f in files:
+        if os.path.exists(f) and subprocess.run(
+                ["ssh-keygen", "-F", entry, "-f", f], capture_output=True).returncode == 0:
+            return
+    scan = subprocess.run(["ssh-keyscan", "-T", "10", "-p", port, s["hostname"]],
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=SSH_TIMEOUT)
+    lines = [l for l in scan.stdout.splitlines() if l and not l.startswith("#")]
+    if not lines:
+        raise Abort("cannot reach %s port %s to read its host key: %s"
+                    % (s["hostname"], port, scan.stderr.strip().splitlines()[-1:]
+                       or "no answer"))
+    if host != s["hostname"] or port != "22":
+        lines = [entry + " " + l.split(None, 1)[1] for l in lines]
+    with tempfile.NamedTemporaryFile("w", suffix=".pub") as tmp:
+        tmp.write("\n".join(lines) + "\n")
+        tmp.flush()
+        prints = subprocess.run(["ssh-keygen", "-l", "-f", tmp.name], capture_output=True,
+                                text=True).stdout
+    asker.say("\nThe server %s is not in known_hosts yet. It says its keys are:" % entry)
+    for line in prints.splitlines():
+        asker.say("  " + line)
+    asker.say("Compare on the server: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub")
+    if not asker.confirm("is this the server's key?", False, True if accept else None):
+        raise Abort("host key not trusted; run again when you have checked it "
+                    "(or pass --accept-host-key)")
+    known = files[0]
+    os.makedirs(os.path.dirname(known), mode=0o700, exist_ok=True)
+    with open(known, "a") as f:
+        f.write("\n".join(lines) + "\n")
+    asker.say("  added to %s" % known)
+
+
+def ensure_key(plan, asker):
+    if os.path.exists(plan.key):
+        return
+    os.makedirs(os.path.dirname(plan.key), mode=0o700, exist_ok=True)
+    comment = "ctunnel %s@%s" % (plan.name, socket.gethostname())
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment,
+                    "-f", plan.key], stdin=subprocess.DEVNULL, check=True)
+    asker.say("Made a new key: %s (public half: %s.pub)" % (plan.key, plan.key))
+
+
+def install_key(plan, asker, preset):
+    """Put the public key on the server unless the key already logs in."""
+    if ssh_run(plan, "true")[0] == 0:
+        asker.say("The key already logs in to the server.")
+        return
+    if not asker.confirm("install the public key on the server now (you may be asked "
+                         "for your password there)?", True, preset):
+        return
+    batch = [] if asker.interactive else ["-o", "BatchMode=yes"]
+    if shutil.which("ssh-copy-id"):
+        argv = ["ssh-copy-id", "-i", plan.key + ".pub", "-p", str(plan.port)] + \
+            (["-F", plan.ssh_config] if plan.ssh_config else []) + batch + \
+            ["%s@%s" % (plan.user, plan.host)]
+        stdin = None if asker.interactive else subprocess.DEVNULL
+    else:
+        # the same as ssh-copy-id does: the key travels on stdin, never in argv
+        argv = ssh_base(plan, batch=False) + batch + \
+            ["--", plan.host, "umask 077; mkdir -p .ssh && cat >> .ssh/authorized_keys"]
+        stdin = open(plan.key + ".pub")
+    try:
+        subprocess.run(argv, stdin=stdin)
+    finally:
+        if stdin is not None and stdin is not subprocess.DEVNULL:
+            stdin.close()
+
+
+def prove_login(plan):
+    status, err = ssh_run(plan, "true")
+    if status == 0:
+        return
+    hints = (("Permission denied", "the server does not accept the key: put %s.pub into "
+              "~%s/.ssh/authorized_keys there (mode 600, the folder 700)" % (plan.key, plan.user)),
+             ("Host key verification failed", "the server's key is not in known_hosts"),
+             ("Connection refused", "nothing listens on port %s there" % plan.port),
+             ("Could not resolve", "check the server's name"))
+    hint = next((h for needle, h in hints if needle in err), "run ssh -v by hand to see why")
+    raise Abort("a non-interactive login with %s fails: %s; %s"
+                % (plan.key, (err or "no answer").splitlines()[-1], hint))
+
+
+def check_server(plan, asker):
+    """Warn about what would weaken the tunnel: no nc, a reverse port in use."""
+    status, _ = ssh_run(plan, "command", "-v", "nc")
+    if status != 0:
+        asker.say("Warning: no nc on the server. ctunnel still restarts ssh when it dies or "
+                  "hangs, but cannot see a reverse forward that died while ssh lives. "
+                  "Install it there: apt install netcat-openbsd")
+        return
+    for spec in plan.remote:
+        fwd = ctunnel.parse_forward(spec)
+        status, _ = ssh_run(plan, "nc", "-z", "-w", "3", ctunnel.check_address(fwd),
+                            str(fwd.port))
+        if status == 0:
+            asker.say("Warning: port %d on the server is in use already (an earlier tunnel "
+                      "of this box? another program?). The tunnel cannot start while it is."
+                      % fwd.port)
+
+
+# ---------------------------------------------------------------------------
+# The config file: one section replaced, the rest kept
+# ---------------------------------------------------------------------------
+
+def section_text(plan):
+    """The tunnel's config section, a comment above each key."""
+    lines = ["[%s]" % plan.name,
+             "# ssh server: name, IP or ssh_config alias", "host = %s" % plan.host,
+             "# the server's ssh port", "port = %d" % plan.port,
+             "# login user on the server", "user = %s" % plan.user,
+             "# this tunnel's own key, without passphrase (cron cannot type one)",
+             "identity_file = %s" % plan.key]
+    if plan.ssh_config:
+        lines += ["# ssh_config file, passed as ssh -F", "ssh_config = %s" % plan.ssh_config]
+    if plan.remote:
+        lines += ["# reverse forwards: [bind:]port on the server -> host:port on this side"]
+        lines += _multi("remote_forward", plan.remote)
+    if plan.local:
+        lines += ["# local forwards: [bind:]port on this box -> host:port seen from the server"]
+        lines += _multi("local_forward", plan.local)
+    return "\n".join(lines) + "\n"
+
+
+def _multi(key, values):
+    return ["%s = %s" % (key, values[0])] + ["    " + v for v in values[1:]]
+
+
+_HEADER = re.compile(r"^\[([^\]]*)\]")
+
+
+def merge_section(text, name, section):
+    """Return config text with section [name] replaced by section (or added).
+
+    The comment lines right above the next section's header (no blank line
+    between) belong to that section and are kept; everything outside [name]
+    is kept as it was.
+    """
+    lines = text.splitlines()
+    starts = [i for i, l in enumerate(lines) if _HEADER.match(l)]
+    mine = [i for i in starts if _HEADER.match(lines[i]).group(1).strip() == name]
+    new = section.rstrip("\n").splitlines()
+    if not mine:
+        body = "\n".join(lines).rstrip("\n")
+        return (body + "\n\n" if body else "") + "\n".join(new) + "\n"
+    start = mine[0]
+    end = next((i for i in starts if i > start), len(lines))
+    while end < len(lines) and end - 1 > start and lines[end - 1].lstrip().startswith(("#", ";")):
+        end -= 1
+    tail = lines[end:]
+    return "\n".join(lines[:start] + new + ([""] if tail else []) + tail).rstrip("\n") + "\n"
+
+
+def write_config(plan):
+    """Merge the section into the config, validate it all, replace atomically (0600)."""
+    old = ""
+    if os.path.exists(plan.config):
+        with open(plan.config, encoding="utf-8") as f:
+            old = f.read()
+    text = merge_section(old, plan.name, section_text(plan))
+    folder = os.path.dirname(plan.config)
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".rstunnel.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o600)
+        ctunnel.load_config(tmp)
+        os.replace(tmp, plan.config)
+    except ctunnel.ConfigError as e:
+        raise Abort("the config would not be valid: %s" % str(e).replace(tmp, plan.config))
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# ---------------------------------------------------------------------------
+# cron
+# ---------------------------------------------------------------------------
+
+def cron_line(config):
+    """The crontab line; -c only when ctunnel would not find the config by itself."""
+    command = shlex.quote(CTUNNEL_PY)
+    try:
+        found = ctunnel.find_config(None, environ={}, script=CTUNNEL_PY)
+    except ctunnel.ConfigError:
+        found = None
+    if found != config:
+        command += " -c " + shlex.quote(config)
+    return "* * * * * " + command
+
+
+def install_cron(line, asker):
+    """Add line to the user's crontab unless it is there already."""
+    if not shutil.which("crontab"):
+        asker.say("No crontab program here: add the line by hand, or use the systemd timer "
+                  "in cron/. The line: %s" % line)
+        return
+    current = subprocess.run(["crontab", "-l"], stdin=subprocess.DEVNULL,
+                             capture_output=True, text=True)
+    if current.returncode != 0 and "no crontab" not in current.stderr.lower():
+        raise Abort("crontab -l failed: %s" % current.stderr.strip())
+    text = current.stdout if current.returncode == 0 else ""
+    if any(l.strip() == line for l in text.splitlines()):
+        asker.say("The crontab line is there already.")
+        return
+    text = (text.rstrip("\n") + "\n" if text.strip() else "") + CRON_COMMENT + "\n" + line + "\n"
+    done = subprocess.run(["crontab", "-"], input=text, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise Abort("crontab - failed: %s" % done.stderr.strip())
+    asker.say("Added to your crontab: %s" % line)
+
+
+# ---------------------------------------------------------------------------
+# What the server needs
+# ---------------------------------------------------------------------------
+
+def server_advice(plan):
+    """The server-side settings this setup needs, with why, as text."""
+    remote = [ctunnel.parse_forward(s) for s in plan.remote]
+    local = [ctunnel.parse_forward(s, "L") for s in plan.local]
+    out = ["", "On the server, as root: in /etc/ssh/sshd_config, then reload sshd:",
+           "    ClientAliveInterval 10", "    ClientAliveCountMax 3",
+           "  Why: a box that loses power or its line sends no TCP reset. Without these the",
+           "  server keeps the dead session, and its ports, for hours, and every restart",
+           "  fails with \"remote port forwarding failed\". With them it lets go in 30 s."]
+    wide = [f for f in remote if f.bind not in LOOPBACK_BINDS]
+    if wide:
+        out += ["    GatewayPorts clientspecified",
+                "  Why: %s must listen on more than the server's loopback."
+                % ", ".join(f.spec for f in wide)]
+    options = ["restrict", "port-forwarding"]
+    options += ['permitlisten="%s:%d"' % (f.bind or "localhost", f.port) for f in remote]
+    options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
+    with open(plan.key + ".pub") as f:
+        key = f.read().strip()
+    out += ["", "In ~%s/.ssh/authorized_keys on the server, make the key's line:" % plan.user,
+            "    %s %s" % (",".join(options), key),
+            "  Allows: %s; commands without a terminal (ctunnel's nc check)." % _allowed(
+                remote, local),
+            "  Forbids: a terminal, agent and X11 forwarding, ~/.ssh/rc%s." %
+            (", listening on any other port" if remote else "")]
+    if not local:
+        out += ["  Note: it does not limit connections opened from the server side (ssh -L);"
+                " add permitopen=\"host:port\" entries if you want that too."]
+    return "\n".join(out)
+
+
+def _allowed(remote, local):
+    parts = ["reverse forward %s" % ", ".join(str(f.port) for f in remote)] if remote else []
+    if local:
+        parts.append("local forwards to %s" % ", ".join("%s:%d" % (f.host, f.hostport)
+                                                         for f in local))
+    return " and ".join(parts)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(prog="install.py", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     usage=argparse.SUPPRESS)
+    parser.add_argument("--host", help="ssh server: name, IP or ssh_config alias")
+    parser.add_argument("--port", help="its ssh port (default 22)")
+    parser.add_argument("--user", help="login user on the server (default: yours)")
+    parser.add_argument("--name", help="the tunnel's name (default: from --host)")
+    parser.add_argument("--remote-forward", action="append", metavar="SPEC",
+                        help="reverse forward [bind:]port:host:hostport (repeatable)")
+    parser.add_argument("--local-forward", action="append", metavar="SPEC",
+                        help="local forward [bind:]port:host:hostport (repeatable)")
+    parser.add_argument("--identity-file", help="key to use, made if missing (default %s)"
+                        % DEFAULT_KEY)
+    parser.add_argument("--ssh-config", help="ssh_config file for ssh -F (default: none)")
+    parser.add_argument("--config", help="config file to write (default: where ctunnel.py "
+                        "looks first)")
+    cron = parser.add_mutually_exclusive_group()
+    cron.add_argument("--cron", dest="cron", action="store_true", default=None,
+                      help="add the crontab line")
+    cron.add_argument("--no-cron", dest="cron", action="store_false",
+                      help="do not touch the crontab")
+    parser.add_argument("--install-key", dest="install_key", action="store_true",
+                        default=None, help="install the public key without asking")
+    parser.add_argument("--accept-host-key", action="store_true",
+                        help="trust the server's host key if it is new (check it first)")
+    parser.add_argument("--yes", action="store_true",
+                        help="ask nothing: take flags, then defaults")
+    args = parser.parse_args(argv)
+    if args.ssh_config:
+        args.ssh_config = os.path.abspath(os.path.expanduser(args.ssh_config))
+        if not os.path.isfile(args.ssh_config):
+            parser.error("--ssh-config %s: no such file" % args.ssh_config)
+    return args
+
+
+def setup(args, asker):
+    plan = ask_plan(args, asker)
+    asker.say("")
+    ensure_host_key(plan, asker, args.accept_host_key)
+    ensure_key(plan, asker)
+    install_key(plan, asker, args.install_key)
+    prove_login(plan)
+    asker.say("Login with the key works.")
+    check_server(plan, asker)
+    write_config(plan)
+    asker.written = plan.config
+    asker.say("Wrote [%s] to %s (mode 600)." % (plan.name, plan.config))
+    if plan.cron:
+        install_cron(cron_line(plan.config), asker)
+    asker.say(server_advice(plan))
+    asker.say("\nFirst tick:")
+    tick = subprocess.run([sys.executable, CTUNNEL_PY, "-c", plan.config, "check", plan.name])
+    subprocess.run([sys.executable, CTUNNEL_PY, "-c", plan.config, "status", plan.name])
+    asker.say("\nCheck it any time with: %s -c %s status" % (CTUNNEL_PY, plan.config))
+    return 0 if tick.returncode == 0 else 1
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    asker = Asker(interactive=not args.yes)
+    try:
+        return setup(args, asker)
+    except Abort as e:
+        sys.stderr.write("install.py: %s%s\n" % (e, _written(asker) if e.status != 2 else ""))
+        return e.status
+    except KeyboardInterrupt:
+        sys.stderr.write("\ninstall.py: interrupted%s\n" % _written(asker))
+        return 130
+
+
+def _written(asker):
+    if asker.written:
+        return " (the config %s was written)" % asker.written
+    return "; the config was not written"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

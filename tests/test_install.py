@@ -1,0 +1,387 @@
+"""install.py, driven as a person would: through a pseudo-terminal, against a real sshd.
+
+The wizard authenticates for ssh-copy-id through an ssh-agent the test starts
+(standing in for the user's password). Its known_hosts is a temp file (through
+--ssh-config), its HOME a temp dir, and its crontab a fake `crontab` first on PATH.
+The real ~/.ssh, /root/.ssh and crontab are never touched.
+"""
+
+import importlib.util
+import os
+import pty
+import re
+import select
+import shutil
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from conftest import (CTUNNEL, ROOT, SshServer, connect_read, end_pids, free_port,
+                      pids_with_arg, wait_for)
+
+INSTALL = os.path.join(ROOT, "install.py")
+
+_spec = importlib.util.spec_from_file_location("install", INSTALL)
+install = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(install)
+ctunnel = install.ctunnel
+
+FAKE_CRONTAB = """\
+#!%s
+# A stand-in for crontab(1): keeps "the crontab" in $FAKE_CRONTAB_FILE.
+import os, sys
+path = os.environ["FAKE_CRONTAB_FILE"]
+if sys.argv[1:] == ["-l"]:
+    if not os.path.exists(path):
+        sys.stderr.write("no crontab for tester\\n")
+        sys.exit(1)
+    sys.stdout.write(open(path).read())
+elif sys.argv[1:] == ["-"]:
+    open(path, "w").write(sys.stdin.read())
+else:
+    sys.exit("fake crontab: unexpected %%r" %% sys.argv[1:])
+""" % sys.executable
+
+
+class Box:
+    """A fresh box: a HOME of its own, a fake crontab, an agent, a server to reach."""
+
+    def __init__(self, tmp):
+        self.tmp = tmp
+        self.home = os.path.join(tmp, "home")
+        self.server_home = os.path.join(tmp, "srvhome")
+        os.makedirs(self.home)
+        os.makedirs(os.path.join(self.server_home, ".ssh"))
+        os.makedirs(os.path.join(tmp, "sshd"))
+        self.server = SshServer(os.path.join(tmp, "sshd"), home=self.server_home)
+        # the wizard's own ssh settings: a known_hosts that starts empty
+        self.known_hosts = os.path.join(tmp, "known_hosts")
+        self.ssh_config = os.path.join(tmp, "ssh_config")
+        with open(self.ssh_config, "w") as f:
+            f.write("Host *\n  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
+                    % self.known_hosts)
+        bin_dir = os.path.join(tmp, "bin")
+        os.makedirs(bin_dir)
+        with open(os.path.join(bin_dir, "crontab"), "w") as f:
+            f.write(FAKE_CRONTAB)
+        os.chmod(os.path.join(bin_dir, "crontab"), 0o755)
+        self.crontab = os.path.join(tmp, "crontab.txt")
+        self.config = os.path.join(tmp, "conf", "rstunnel.conf")
+        self.agent_sock = os.path.join(tmp, "agent.sock")
+        self.agent = subprocess.Popen(["ssh-agent", "-D", "-a", self.agent_sock],
+                                      stdout=subprocess.DEVNULL)
+        wait_for(lambda: os.path.exists(self.agent_sock), what="ssh-agent")
+        self.env = {"HOME": self.home, "PATH": bin_dir + os.pathsep + os.environ["PATH"],
+                    "SSH_AUTH_SOCK": self.agent_sock, "FAKE_CRONTAB_FILE": self.crontab,
+                    "LANG": "C.UTF-8", "TERM": "dumb"}
+        # the user's own login to the server: their key, in their agent
+        subprocess.run(["ssh-add", "-q", self.server.user_key], env=self.env, check=True,
+                       stderr=subprocess.DEVNULL)
+
+    def flags(self):
+        return ["--ssh-config", self.ssh_config]
+
+    def run(self, *args, timeout=90):
+        """install.py without a terminal (the --yes path)."""
+        return subprocess.run([sys.executable, INSTALL] + self.flags() + list(args),
+                              env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, timeout=timeout)
+
+    def authorized(self):
+        path = os.path.join(self.server_home, ".ssh", "authorized_keys")
+        return open(path).read() if os.path.exists(path) else ""
+
+    def close(self):
+        end_pids(pids_with_arg(self.home))     # the tunnels the wizard's ticks started
+        self.agent.kill()
+        self.agent.wait()
+        self.server.stop()
+
+
+@pytest.fixture
+def box():
+    b = Box(tempfile.mkdtemp(prefix="ctw", dir="/tmp"))
+    yield b
+    b.close()
+    shutil.rmtree(b.tmp, ignore_errors=True)
+
+
+class Terminal:
+    """install.py on a pseudo-terminal: read what it shows, type answers."""
+
+    def __init__(self, argv, env):
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:
+            os.execve(argv[0], argv, env)
+        self.seen = ""
+        self.pos = 0
+
+    def expect(self, pattern, timeout=30):
+        """Wait until pattern shows after what was matched last; return the match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            m = regex.search(self.seen, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            left = deadline - time.monotonic()
+            if left <= 0 or not self._read(left):
+                raise AssertionError("no %r on the terminal; it shows:\n%s"
+                                     % (pattern, self.seen[self.pos:]))
+
+    def _read(self, timeout):
+        ready, _, _ = select.select([self.fd], [], [], min(timeout, 1.0))
+        if not ready:
+            return True
+        try:
+            data = os.read(self.fd, 4096)
+        except OSError:
+            return False          # the other side closed: the wizard ended
+        self.seen += data.decode("utf-8", "replace").replace("\r\n", "\n")
+        return bool(data)
+
+    def answer(self, prompt, text):
+        self.expect(prompt)
+        os.write(self.fd, text.encode() + b"\r")
+
+    def send(self, raw):
+        os.write(self.fd, raw)
+
+    def wait(self, timeout=90):
+        """Read to the end; return the exit status."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and self._read(deadline - time.monotonic()):
+            pass
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
+            else (status >> 8)
+
+
+def wizard(box, *flags):
+    return Terminal([sys.executable, INSTALL] + box.flags() + list(flags), box.env)
+
+
+def test_wizard_from_fresh_box_to_bytes_flowing(box, service):
+    remote = free_port()
+    t = wizard(box)
+    t.answer(r"ssh server \(name, IP or ssh_config alias\): ", "127.0.0.1")
+    t.answer(r"its ssh port \[22\]: ", "not-a-port")
+    t.expect(r'"not-a-port" is not a port \(use 1-65535\); try again.')
+    t.answer(r"its ssh port \[22\]: ", str(box.server.port))
+    t.answer(r"login user on the server \[%s\]: " % re.escape(box.server.user), "")
+    t.answer(r"name of this tunnel \[127\]: ", "pi")
+    t.answer(r"expose a port of this box on the server \(reverse forward\)\? \[Y/n\]: ", "")
+    t.answer(r"port on the server \[1122\]: ", str(remote))
+    t.answer(r"leads to host:port on this side \[127.0.0.1:22\]: ", "127.0.0.1:%d" % service.port)
+    t.answer(r"another reverse forward .*\(empty: done\): ", "")
+    t.answer(r"local forward .*\(empty: none\): ", "")
+    t.expect(r"cron cannot\s+type one")
+    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_ed25519\]: ", "")
+    t.answer(r"write the config to \[.*\]: ", box.config)
+    t.answer(r"add the crontab line .*\? \[Y/n\]: ", "y")
+    t.expect(r"is not in known_hosts yet")
+    t.expect(r"SHA256:")
+    t.answer(r"is this the server's key\? \[y/N\]: ", "y")
+    t.expect(r"Made a new key: ")
+    t.answer(r"install the public key on the server now .*\? \[Y/n\]: ", "")
+    t.expect(r"Login with the key works.")
+    t.expect(r"Wrote \[pi\] to %s \(mode 600\)" % re.escape(box.config))
+    t.expect(r"Added to your crontab: \* \* \* \* \* %s -c %s"
+             % (re.escape(os.path.join(ROOT, "ctunnel.py")), re.escape(box.config)))
+    t.expect(r"ClientAliveInterval 10")
+    t.expect(r'restrict,port-forwarding,permitlisten="localhost:%d" ssh-ed25519 ' % remote)
+    t.expect(r"pi: started \(pid \d+\)")
+    t.expect(r"pi: healthy, pid \d+")
+    assert t.wait() == 0, t.seen
+
+    key = os.path.join(box.home, ".ssh", "ctunnel_ed25519")
+    assert open(key + ".pub").read().split()[1] in box.authorized()
+    assert stat.S_IMODE(os.stat(box.config).st_mode) == 0o600
+    (tunnel,) = ctunnel.load_config(box.config)
+    assert (tunnel.name, tunnel.identity_file, tunnel.port) == ("pi", key, box.server.port)
+    assert connect_read(remote) == service.greeting
+
+
+def test_end_of_input_half_way_writes_nothing(box):
+    t = wizard(box)
+    t.answer(r"ssh server .*: ", "127.0.0.1")
+    t.answer(r"its ssh port \[22\]: ", str(box.server.port))
+    t.expect(r"login user on the server .*: ")
+    t.send(b"\x04")                       # ^D: end of input
+    status = t.wait()
+    assert status == 1
+    lines = t.seen[t.pos:].strip().splitlines()
+    assert lines == ['install.py: end of input at "login user on the server"; '
+                     'the config was not written']
+    assert not os.path.exists(box.config)
+    assert not os.path.exists(os.path.join(box.home, ".ssh"))
+
+
+def test_ctrl_c_at_a_prompt_writes_nothing(box):
+    t = wizard(box, "--config", box.config)
+    t.answer(r"ssh server .*: ", "127.0.0.1")
+    t.expect(r"its ssh port \[22\]: ")
+    t.send(b"\x03")                       # ^C through the terminal
+    assert t.wait() == 130
+    assert t.seen[t.pos:].strip().splitlines()[-1] == \
+        "install.py: interrupted; the config was not written"
+    assert not os.path.exists(box.config)
+
+
+def test_non_interactive_second_run_adds_a_tunnel_and_keeps_the_first(box, service):
+    os.makedirs(os.path.dirname(box.config))
+    first_section = textwrap.dedent("""\
+        # my own notes about this box: keep them
+        [DEFAULT]
+        check_timeout = 4
+
+        [office]
+        # the office printer, via the same server
+        host = 127.0.0.1
+        port = %d
+        local_forward = %d:127.0.0.1:%d
+
+        ; a comment that belongs to the next section
+        [old]
+        host = 127.0.0.1
+        local_forward = %d:127.0.0.1:22
+        """ % (box.server.port, free_port(), service.port, free_port()))
+    with open(box.config, "w") as f:
+        f.write(first_section)
+    remote = free_port()
+    args = ["--yes", "--host", "127.0.0.1", "--port", str(box.server.port), "--name", "cam",
+            "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
+            "--config", box.config, "--cron", "--accept-host-key"]
+    result = box.run(*args)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = open(box.config).read()
+    assert text.startswith(first_section)             # everything before is kept, as it was
+    assert "[cam]\n# ssh server: name, IP or ssh_config alias\nhost = 127.0.0.1\n" in text
+    assert [t.name for t in ctunnel.load_config(box.config)] == ["office", "old", "cam"]
+    assert connect_read(remote) == service.greeting
+    assert open(box.crontab).read().count("ctunnel.py") == 1
+
+    # run again with a changed forward: [cam] is replaced, the rest kept, cron not doubled
+    remote2 = free_port()
+    args[args.index("--remote-forward") + 1] = "%d:127.0.0.1:%d" % (remote2, service.port)
+    again = box.run(*args)
+    assert "The crontab line is there already." in again.stdout
+    text = open(box.config).read()
+    assert text.startswith(first_section) and text.count("[cam]") == 1
+    assert "%d:127.0.0.1" % remote2 in text and "%d:127.0.0.1" % remote not in text
+    crontab = open(box.crontab).read()
+    assert crontab.count("ctunnel.py") == 1 and crontab.count(install.CRON_COMMENT) == 1
+
+
+@pytest.mark.parametrize("args,flag", [
+    ([], "--host"),
+    (["--host", "vps"], "--remote-forward or --local-forward"),
+    (["--host", "vps", "--remote-forward", "1122-22"], "--remote-forward"),
+    (["--host", "vps", "--local-forward", "1:h:2", "--name", "a b"], "--name"),
+])
+def test_non_interactive_names_what_is_missing_or_bad(box, args, flag):
+    result = box.run("--yes", "--config", box.config, *args)
+    assert result.returncode == 2
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and flag in lines[0], lines
+    assert not os.path.exists(box.config)
+
+
+def test_unknown_host_key_is_not_trusted_without_asking(box):
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--remote-forward", "%d:127.0.0.1:22" % free_port(),
+                     "--config", box.config, "--no-cron")
+    assert result.returncode == 1
+    assert "host key not trusted" in result.stderr
+    assert not os.path.exists(box.config)
+    assert not os.path.exists(box.known_hosts)
+
+
+def test_login_that_does_not_work_says_what_to_fix(box):
+    """No agent, no password: the new key cannot be installed, so the login fails."""
+    env_no_agent = dict(box.env)
+    env_no_agent.pop("SSH_AUTH_SOCK")
+    result = subprocess.run(
+        [sys.executable, INSTALL] + box.flags() +
+        ["--yes", "--host", "127.0.0.1", "--port", str(box.server.port), "--no-cron",
+         "--remote-forward", "%d:127.0.0.1:22" % free_port(), "--config", box.config,
+         "--accept-host-key"],
+        env=env_no_agent, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert "a non-interactive login with" in last and "Permission denied" in last
+    assert "authorized_keys" in last
+    assert not os.path.exists(box.config)
+
+
+@pytest.mark.parametrize("before,expected", [
+    ("", "[pi]\nhost = new\n"),
+    ("[a]\nhost = x\n", "[a]\nhost = x\n\n[pi]\nhost = new\n"),
+    ("# top\n[pi]\nhost = old\n# old note\n\n# about b\n[b]\nhost = y\n",
+     "# top\n[pi]\nhost = new\n\n# about b\n[b]\nhost = y\n"),
+    ("[a]\nhost = x\n[pi]\nhost = old\n", "[a]\nhost = x\n[pi]\nhost = new\n"),
+])
+def test_merge_section_replaces_only_that_section(before, expected):
+    assert install.merge_section(before, "pi", "[pi]\nhost = new\n") == expected
+
+
+def test_cron_line_needs_no_c_when_ctunnel_finds_the_config(tmp_path, monkeypatch):
+    beside = os.path.join(os.path.dirname(install.CTUNNEL_PY), "rstunnel.conf")
+    line = install.cron_line(str(tmp_path / "x.conf"))
+    assert line == "* * * * * %s -c %s" % (install.CTUNNEL_PY, tmp_path / "x.conf")
+    if not os.path.exists(beside):
+        return
+    assert install.cron_line(beside) == "* * * * * " + install.CTUNNEL_PY
+
+
+def test_server_advice_is_tailored():
+    class Plan:
+        remote = ["0.0.0.0:8080:127.0.0.1:80", "1122:127.0.0.1:22"]
+        local = ["1883:127.0.0.1:1883"]
+        user = "pi"
+        key = None
+    with tempfile.NamedTemporaryFile("w", suffix=".pub") as pub:
+        pub.write("ssh-ed25519 AAAAC3 ctunnel pi@box\n")
+        pub.flush()
+        Plan.key = pub.name[:-4]
+        text = install.server_advice(Plan)
+    assert "GatewayPorts clientspecified" in text
+    assert "0.0.0.0:8080:127.0.0.1:80 must listen on more than the server's loopback" in text
+    assert ('restrict,port-forwarding,permitlisten="0.0.0.0:8080",permitlisten='
+            '"localhost:1122",permitopen="127.0.0.1:1883" ssh-ed25519 AAAAC3') in text
+    Plan.remote = ["1122:127.0.0.1:22"]
+    Plan.local = []
+    with tempfile.NamedTemporaryFile("w", suffix=".pub") as pub:
+        pub.write("ssh-ed25519 AAAAC3 c\n")
+        pub.flush()
+        Plan.key = pub.name[:-4]
+        text = install.server_advice(Plan)
+    assert "GatewayPorts" not in text and "does not limit connections opened" in text
+
+
+def test_key_is_installed_over_ssh_when_there_is_no_ssh_copy_id(box, service):
+    only = os.path.join(box.tmp, "only-ssh")
+    os.makedirs(only)
+    for tool in ("ssh", "ssh-keygen", "ssh-keyscan"):
+        os.symlink(shutil.which(tool), os.path.join(only, tool))
+    os.symlink(os.path.join(box.tmp, "bin", "crontab"), os.path.join(only, "crontab"))
+    env = dict(box.env, PATH=only)
+    remote = free_port()
+    result = subprocess.run(
+        [sys.executable, INSTALL] + box.flags() +
+        ["--yes", "--host", "127.0.0.1", "--port", str(box.server.port), "--no-cron",
+         "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
+         "--config", box.config, "--accept-host-key"],
+        env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
+    assert result.returncode == 0, result.stdout + result.stderr
+    key = os.path.join(box.home, ".ssh", "ctunnel_ed25519.pub")
+    assert open(key).read().split()[1] in box.authorized()
+    assert connect_read(remote) == service.greeting
+    assert not os.path.exists(box.crontab)
