@@ -139,13 +139,19 @@ def parse_forward_or_empty(text):
     return ctunnel.parse_forward(text).spec if text.strip() else ""
 
 
-def parse_key_path(text):
-    """A private key without passphrase, or a path where one can be made."""
-    path = os.path.abspath(os.path.expanduser(text.strip()))
+def _file_path(text):
+    """An absolute path for a file name answer (~ expanded), not a folder."""
     if not text.strip():
         raise ValueError("give a file name")
+    path = os.path.abspath(os.path.expanduser(text.strip()))
     if os.path.isdir(path):
         raise ValueError('"%s" is a folder' % text.strip())
+    return path
+
+
+def parse_key_path(text):
+    """A private key without passphrase, or a path where one can be made."""
+    path = _file_path(text)
     if os.path.exists(path):
         probe = subprocess.run(["ssh-keygen", "-y", "-P", "", "-f", path],
                                stdin=subprocess.DEVNULL, capture_output=True, text=True)
@@ -156,13 +162,13 @@ def parse_key_path(text):
 
 
 def parse_config_path(text):
-    path = os.path.abspath(os.path.expanduser(text.strip()))
-    if not text.strip():
-        raise ValueError("give a file name")
-    if os.path.isdir(path):
-        raise ValueError('"%s" is a folder' % text.strip())
+    """A config file to create, or an existing one that is valid ini."""
+    path = _file_path(text)
     if os.path.exists(path):
-        ctunnel.read_config(path)  # raises ConfigError, reported by the caller
+        try:
+            ctunnel.read_config(path)
+        except ctunnel.ConfigError as e:
+            raise ValueError("%s: fix it or choose another file" % e)
     return path
 
 
@@ -203,11 +209,8 @@ def ask_plan(args, asker):
         asker.say("\n" + KEY_WHY)
     p.key = asker.ask("key file, existing or to be created", DEFAULT_KEY, parse_key_path,
                       args.identity_file, "--identity-file")
-    try:
-        p.config = asker.ask("write the config to", default_config_path(), parse_config_path,
-                             args.config, "--config")
-    except ctunnel.ConfigError as e:
-        raise Abort("%s: fix it or choose another file" % e, 2)
+    p.config = asker.ask("write the config to", default_config_path(), parse_config_path,
+                         args.config, "--config")
     p.cron = asker.confirm("add the crontab line that checks the tunnel every minute?",
                            True, args.cron)
     return p

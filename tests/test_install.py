@@ -285,9 +285,13 @@ def test_non_interactive_second_run_adds_a_tunnel_and_keeps_the_first(box, servi
     (["--host", "vps"], "--remote-forward or --local-forward"),
     (["--host", "vps", "--remote-forward", "1122-22"], "--remote-forward"),
     (["--host", "vps", "--local-forward", "1:h:2", "--name", "a b"], "--name"),
+    (["--host", "vps", "--local-forward", "1:h:2", "--config", "/etc/hostname"],
+     "--config: /etc/hostname: malformed config"),
 ])
 def test_non_interactive_names_what_is_missing_or_bad(box, args, flag):
-    result = box.run("--yes", "--config", box.config, *args)
+    if "--config" not in args:
+        args = ["--config", box.config] + args
+    result = box.run("--yes", *args)
     assert result.returncode == 2
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and flag in lines[0], lines

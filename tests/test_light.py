@@ -63,3 +63,11 @@ def test_source_is_python_3_8_syntax():
         except FileNotFoundError:
             continue
         ast.parse(source, filename=path, feature_version=(3, 8))
+
+
+def test_install_py_starts_without_the_missing_packages():
+    hook = HOOK.replace(repr(CTUNNEL), repr(CTUNNEL.replace("ctunnel.py", "install.py")))
+    result = subprocess.run([sys.executable, "-c", hook, "--yes"], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "install.py: missing answer: ssh server" in result.stderr

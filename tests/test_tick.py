@@ -6,6 +6,7 @@ the test sshd listens for it: bytes read there came through the tunnel.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -340,3 +341,31 @@ def test_restricted_key_line_from_the_readme_allows_the_tunnel_and_its_check(
         assert "remote port forwarding failed for listen port %d" % other in refused.stderr
     finally:
         server.stop()
+
+
+def test_unreachable_servers_do_not_hold_up_the_others(rig, silent_service, service):
+    """Three servers that accept TCP and never speak; one good one. In sequence the
+    three would take 3 x check_timeout; checked at the same time, about one."""
+    good = free_port()
+    with open(rig.conf, "w") as f:
+        f.write("[DEFAULT]\nhost = 127.0.0.1\nuser = %s\nidentity_file = %s\n"
+                "ssh_config = %s\nstate_dir = %s\ncheck_timeout = 2\n\n"
+                % (rig.server.user, rig.server.user_key, rig.server.ssh_config,
+                   os.path.join(rig.state_dir, "state")))
+        f.write("[good]\nport = %d\nremote_forward = %d:127.0.0.1:%d\n\n"
+                % (rig.server.port, good, service.port))
+        for name in ("dead1", "dead2", "dead3"):
+            f.write("[%s]\nport = %d\nremote_forward = %d:127.0.0.1:22\n\n"
+                    % (name, silent_service.port, free_port()))
+    began = time.monotonic()
+    tick = rig.run()
+    took = time.monotonic() - began
+    assert tick.returncode == 1
+    lines = tick.stderr.splitlines()
+    assert len(lines) == 4, lines
+    assert sum("good: started" in l for l in lines) == 1
+    for name in ("dead1", "dead2", "dead3"):
+        assert any(re.search(r"%s: start failed: Connection to 127.0.0.1 port \d+ timed out"
+                             % name, l) for l in lines), lines
+    assert took < 2 * 2.5, "tick took %.1fs: tunnels were not checked at the same time" % took
+    assert connect_read(good) == service.greeting
