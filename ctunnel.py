@@ -613,10 +613,21 @@ def _run(argv, timeout):
     return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
 
 
+def _lines_said(text):
+    return [l.strip() for l in text.splitlines()
+            if l.strip() and not l.startswith("Warning: Permanently added")]
+
+
 def _last_line(text):
-    lines = [l.strip() for l in text.splitlines()
-             if l.strip() and not l.startswith("Warning: Permanently added")]
+    """The line a failed launch ends with: ssh's reason for giving up."""
+    lines = _lines_said(text)
     return lines[-1] if lines else ""
+
+
+def _first_line(text):
+    """The line a failed mux client starts with; what follows is its fallback."""
+    lines = _lines_said(text)
+    return lines[0] if lines else ""
 
 
 def check_process(tunnel):
@@ -639,7 +650,7 @@ def query_master(tunnel):
         return None, "control master did not answer within %gs (hung)" % tunnel.check_timeout
     m = re.search(r"Master running \(pid=(\d+)\)", err)
     if rc != 0 or not m:
-        return None, "control master: %s" % (_last_line(err) or "ssh exited %d" % rc)
+        return None, "control master: %s" % (_first_line(err) or "ssh exited %d" % rc)
     return int(m.group(1)), None
 
 
@@ -690,8 +701,12 @@ def check_remote_forward(tunnel, forward):
     if rc in (126, 127):
         return Verdict(name, UNKNOWN, "cannot check: no nc on the server "
                        "(install netcat-openbsd there)")
-    if rc == 255 and "open failed" not in err:
-        return Verdict(name, DOWN, "ssh failed: %s" % (_last_line(err) or "exit 255"))
+    if re.search(r"refused by peer|open failed", err):
+        # the connection is alive: the server just will not run a command
+        return Verdict(name, UNKNOWN, "cannot check: the server refuses command sessions "
+                       "(%s)" % _first_line(err))
+    if rc == 255:
+        return Verdict(name, DOWN, "ssh failed: %s" % (_first_line(err) or "exit 255"))
     return Verdict(name, UNKNOWN, "cannot check: server answered exit %d%s"
                    % (rc, ": " + _last_line(err) if err else ""))
 

@@ -128,8 +128,9 @@ def port_accepts(port):
 class SshServer:
     """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
 
-    def __init__(self, directory, force_command=None, key_options="", home=None):
-        """home: give sessions this HOME (ssh-copy-id writes to $HOME/.ssh there)."""
+    def __init__(self, directory, force_command=None, key_options="", home=None, extra=()):
+        """home: give sessions this HOME (ssh-copy-id writes to $HOME/.ssh there).
+        extra: more sshd_config lines."""
         self.dir = directory
         self.port = free_port()
         self.user = getpass.getuser()
@@ -161,6 +162,7 @@ class SshServer:
             "AllowTcpForwarding yes", "ClientAliveInterval 5", "ClientAliveCountMax 2",
             "MaxStartups 100", "MaxSessions 100", "LogLevel VERBOSE",
         ]
+        lines = list(extra) + lines     # sshd takes the first value of a keyword
         if home:
             force_command = 'HOME=%s; export HOME; cd; eval "$SSH_ORIGINAL_COMMAND"' % home
         if force_command:

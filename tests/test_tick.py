@@ -369,3 +369,38 @@ def test_unreachable_servers_do_not_hold_up_the_others(rig, silent_service, serv
                              % name, l) for l in lines), lines
     assert took < 2 * 2.5, "tick took %.1fs: tunnels were not checked at the same time" % took
     assert connect_read(good) == service.greeting
+
+
+def test_server_refusing_command_sessions_is_unknown_not_a_restart_loop(
+        make_rig, service, tmp_path):
+    """MaxSessions 0: forwarding works, but no command (no nc check) may run."""
+    server = SshServer(str(tmp_path), extra=["MaxSessions 0"])
+    try:
+        rig = make_rig(server)
+        remote, first = start_reverse(rig, service)
+        assert ("remote forward %d: cannot check: the server refuses command sessions "
+                "(mux_client_request_session: session request failed: Session open "
+                "refused by peer)" % remote) in first.stderr
+        pid = rig.pid()
+        again = rig.run()
+        assert (again.returncode, again.stderr) == (0, "")
+        assert rig.pid() == pid
+        assert connect_read(remote) == service.greeting
+    finally:
+        server.stop()
+
+
+def test_quiet_hides_successes_but_never_failures(rig, service):
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+    quiet = rig.run("-q")
+    assert (quiet.returncode, quiet.stderr) == (0, "")
+    assert connect_read(remote) == service.greeting
+    assert rig.run("-q", "stop").stderr == ""
+    stranger = os.path.join(rig.state_dir, "stranger")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger], check=True)
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port),
+                     identity_file=stranger)
+    broken = rig.run("-q")
+    assert broken.returncode == 1
+    assert "pi: start failed: " in broken.stderr and "Permission denied" in broken.stderr
