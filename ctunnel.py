@@ -85,6 +85,7 @@ KILL_GRACE = 2.0            # seconds between SIGTERM and SIGKILL
 LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
 SOCKET_PATH_MAX = 104       # sun_path is 104-108 bytes depending on the OS
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
+REPEAT_FAILURE_AFTER = 3600 # seconds before an unchanged failure is printed again
 
 # syslog severities (RFC 5424), facility "user"
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
@@ -824,7 +825,8 @@ def explain_ssh_failure(said, rc):
 # The tick: check, repair, report
 # ---------------------------------------------------------------------------
 
-Event = namedtuple("Event", "level text")
+# stderr: also print it (cron mails what a job prints); syslog always gets it
+Event = namedtuple("Event", "level text stderr", defaults=(True,))
 Outcome = namedtuple("Outcome", "name healthy events verdicts")
 
 
@@ -846,24 +848,36 @@ def _verdict_events(tunnel, verdicts):
 
 
 def _tick_locked(tunnel, verbose):
-    events = []
     verdicts = run_ladder(tunnel)
-    if verbose:
-        events += _verdict_events(tunnel, verdicts)
-    down = first_down(verdicts)
+    events = _verdict_events(tunnel, verdicts) if verbose else []
     state = read_state(tunnel)
-    if down is None:
-        _note_unknowns(tunnel, verdicts, state, events)
-        return Outcome(tunnel.name, True, events, verdicts)
+    down = first_down(verdicts)
+    if down is not None:
+        healthy, verdicts = _repair(tunnel, down, state, events, verbose)
+        if not healthy:
+            return Outcome(tunnel.name, False, events, verdicts)
+    _note_unknowns(tunnel, verdicts, state, events)
+    return Outcome(tunnel.name, True, events, verdicts)
 
-    reason = down.detail if down.check in ("process", "master") else \
-        "%s: %s" % (down.check, down.detail)
-    if down.check == "process" and down.detail.endswith("gone"):
-        said = _death_note(tunnel)
-        reason += "; ssh said: %s" % said if said else ""
+
+def _down_reason(tunnel, down):
+    """Say why the tunnel is being (re)started, with a dead ssh's last words."""
+    if down.check not in ("process", "master"):
+        return "%s: %s" % (down.check, down.detail)
+    said = _death_note(tunnel) if down.detail.endswith("gone") else ""
+    return down.detail + ("; ssh said: %s" % said if said else "")
+
+
+def _repair(tunnel, down, state, events, verbose):
+    """Stop the tunnel's ssh, launch a new one and check it again.
+
+    Records the outcome in state and adds its event. Returns (healthy, verdicts).
+    """
+    reason = _down_reason(tunnel, down)
     first = down.detail == "not running"
     stop_tunnel(tunnel)
     pid, failure = launch_tunnel(tunnel)
+    verdicts = []
     if failure is None:
         verdicts = run_ladder(tunnel, with_process=False)
         if verbose:
@@ -871,24 +885,43 @@ def _tick_locked(tunnel, verbose):
         after = first_down(verdicts)
         if after is not None:
             failure = "came up but %s: %s" % (after.check, after.detail)
-    state.update(last_restart=int(time.time()), last_reason=reason)
-    if failure is not None:
-        state["last_failure"] = failure
-        write_state(tunnel, state)
-        verb = "start" if first else "restart"
-        text = "%s: %s failed: %s" % (tunnel.name, verb, failure)
-        if not first:
-            text = "%s: %s failed (%s): %s" % (tunnel.name, verb, reason, failure)
-        events.append(Event(LOG_ERR, text))
-        return Outcome(tunnel.name, False, events, verdicts)
-
-    state.pop("last_failure", None)
-    state["restarts"] = state.get("restarts", 0) + (0 if first else 1)
+    now = int(time.time())
+    state.update(last_restart=now, last_reason=reason)
+    if failure is None:
+        events.append(_record_success(tunnel, state, first, reason, pid))
+    else:
+        events.append(_record_failure(tunnel, state, first, reason, failure, now))
     write_state(tunnel, state)
-    events.append(Event(LOG_NOTICE, "%s: started (pid %d)" % (tunnel.name, pid) if first
-                        else "%s: restarted (%s)" % (tunnel.name, reason)))
-    _note_unknowns(tunnel, verdicts, state, events)
-    return Outcome(tunnel.name, True, events, verdicts)
+    return failure is None, verdicts
+
+
+def _record_success(tunnel, state, first, reason, pid):
+    attempts = state.pop("failures", 0)
+    state.pop("last_failure", None)
+    state.pop("failure_said", None)
+    if not first:
+        state["restarts"] = state.get("restarts", 0) + 1
+    text = "started (pid %d)" % pid if first else "restarted (%s)" % reason
+    if attempts:
+        text += " after %d failed attempt%s" % (attempts, "s" if attempts > 1 else "")
+    return Event(LOG_NOTICE, "%s: %s" % (tunnel.name, text))
+
+
+def _record_failure(tunnel, state, first, reason, failure, now):
+    """A failed (re)start goes to syslog every time, to stderr only when it is news.
+
+    A server that is away all night would otherwise mean a cron mail every
+    minute: stderr repeats a failure when ssh's reason changes, else hourly.
+    """
+    verb = "start failed" if first else "restart failed (%s)" % reason
+    state["failures"] = state.get("failures", 0) + 1
+    news = failure != state.get("last_failure") or \
+        now - state.get("failure_said", 0) >= REPEAT_FAILURE_AFTER
+    state["last_failure"] = failure
+    if news:
+        state["failure_said"] = now
+    count = " (%d failed attempts)" % state["failures"] if state["failures"] > 1 else ""
+    return Event(LOG_ERR, "%s: %s: %s%s" % (tunnel.name, verb, failure, count), news)
 
 
 def _note_unknowns(tunnel, verdicts, state, events):
@@ -913,10 +946,10 @@ class Reporter:
         self.syslog_path = syslog_path or os.environ.get(SYSLOG_ENV, SYSLOG_PATH)
         self.lock = threading.Lock()
 
-    def event(self, level, text):
-        """Report one event: stderr (unless quiet and not an error) and syslog."""
+    def event(self, level, text, stderr=True):
+        """Report one event: syslog, and stderr unless told not (or quiet and no error)."""
         with self.lock:
-            if not self.quiet or level <= LOG_ERR:
+            if stderr and (not self.quiet or level <= LOG_ERR):
                 stamp = time.strftime("%Y/%m/%d %H:%M:%S")
                 self.stream.write("%s ctunnel[%d]: %s\n" % (stamp, os.getpid(), text))
                 self.stream.flush()
@@ -959,7 +992,7 @@ def cmd_check(tunnels, args, reporter):
     healthy = True
     for t in tunnels:
         for event in outcomes[t.name].events:
-            reporter.event(event.level, event.text)
+            reporter.event(event.level, event.text, event.stderr or args.verbose)
         healthy = healthy and outcomes[t.name].healthy
     return EXIT_OK if healthy else EXIT_DOWN
 

@@ -214,7 +214,7 @@ def test_tick_runs_under_crons_bare_environment(rig, service, tmp_path):
     assert (again.returncode, again.stderr) == (0, "")
 
 
-def test_launch_failure_reports_sshs_own_reason(rig, service):
+def test_launch_failure_reports_sshs_own_reason_once_then_hourly(rig, service, tmp_path):
     # The server's port is held, on both loopback addresses, as a stale
     # session of ours would hold it (sshd binds both for a -R without address).
     remote = free_port()
@@ -222,9 +222,13 @@ def test_launch_failure_reports_sshs_own_reason(rig, service):
     for squatter, address in zip(squatters, ("127.0.0.1", "::1")):
         squatter.bind((address, remote))
         squatter.listen(1)
+    sink = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sink.bind(str(tmp_path / "log"))
+    sink.settimeout(5)
+    env = dict(os.environ, CTUNNEL_SYSLOG=str(tmp_path / "log"))
     try:
         rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
-        tick = rig.run()
+        tick = rig.run(env=env)
         assert tick.returncode == 1
         lines = tick.stderr.splitlines()
         assert len(lines) == 1, lines
@@ -232,13 +236,28 @@ def test_launch_failure_reports_sshs_own_reason(rig, service):
             % remote in lines[0]
         assert "stale session" in lines[0]
         assert rig.ssh_pids() == []
+        assert "start failed" in sink.recv(4096).decode()
+
+        # the same failure a minute later: syslog hears it, cron does not mail it again
+        again = rig.run(env=env)
+        assert (again.returncode, again.stderr) == (1, "")
+        assert sink.recv(4096).decode().endswith("(2 failed attempts)")
+        # an hour on, it is said again
+        state = json.load(open(rig.path("pi", "state")))
+        state["failure_said"] -= 3600
+        json.dump(state, open(rig.path("pi", "state"), "w"))
+        hourly = rig.run(env=env)
+        assert hourly.returncode == 1 and "(3 failed attempts)" in hourly.stderr
     finally:
         for squatter in squatters:
             squatter.close()
-    # once the port is free again, the next tick brings the tunnel up
+        sink.close()
+    # once the port is free again, the next tick brings the tunnel up, and says so
     tick = rig.run()
     assert tick.returncode == 0, tick.stderr
+    assert re.search(r"pi: started \(pid \d+\) after 3 failed attempts$", tick.stderr.strip())
     assert connect_read(remote) == service.greeting
+    assert "last_failure" not in json.load(open(rig.path("pi", "state")))
 
 
 def test_refused_key_is_reported(rig, service, tmp_path):
@@ -302,6 +321,7 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path):
         wait_for(lambda: not port_accepts(remote), what="the stale session to end")
         tick = rig.run()
         assert tick.returncode == 0, tick.stderr
+        assert "pi: started (pid %d) after 1 failed attempt\n" % rig.pid() in tick.stderr
         assert connect_read(remote) == service.greeting
     finally:
         server.stop()
