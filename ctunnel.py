@@ -244,6 +244,7 @@ def load_config(path):
 
 
 def _load_tunnel(path, name, section):
+    """Validate one section into a Tunnel: each key through its parser."""
     where = "%s [%s]" % (path, name)
     try:
         parse_tunnel_name(name)
@@ -253,121 +254,126 @@ def _load_tunnel(path, name, section):
         if key not in KNOWN_KEYS:
             raise ConfigError('%s: unknown key "%s" (known: %s)'
                               % (where, key, ", ".join(sorted(KNOWN_KEYS))))
-
-    def bad(key, problem):
-        return ConfigError("%s: %s %s" % (where, key, problem))
-
-    host = section.get("host", "").strip()
-    if not host:
-        raise bad("host", "is missing (the ssh server or its ssh_config alias)")
-    user = section["user"].strip()
-    for key, value in (("host", host), ("user", user)):
+    values = {}
+    for key, parse in _KEY_PARSERS:
         try:
-            value and parse_host(value, key)
+            values[key] = parse(section.get(key, "").strip())
         except ValueError as e:
-            raise bad(key, str(e))
-
-    port = section["port"].strip()
-    if port:
-        try:
-            port = parse_port(port)
-        except ValueError as e:
-            raise bad("port", str(e))
-
-    forwards = []
-    for key, kind in (("remote_forward", "R"), ("local_forward", "L")):
-        for line in _lines(section[key]):
-            try:
-                forwards.append(parse_forward(line, kind))
-            except ValueError as e:
-                raise bad(key, str(e))
+            raise ConfigError("%s: %s %s" % (where, key, e))
+    forwards = values["remote_forward"] + values["local_forward"]
     if not forwards:
         raise ConfigError("%s: no forwards: set remote_forward or local_forward" % where)
+    try:
+        state_dir = _state_dir(values["state_dir"], name)
+    except ValueError as e:
+        raise ConfigError("%s: state_dir %s" % (where, e))
+    return Tunnel(name=name, host=values["host"], user=values["user"], port=values["port"],
+                  identity_file=values["identity_file"], ssh_config=values["ssh_config"],
+                  forwards=tuple(forwards), ssh_options=tuple(values["ssh_options"]),
+                  ssh=values["ssh"], alive_interval=values["server_alive_interval"],
+                  alive_count=values["server_alive_count_max"],
+                  check_timeout=values["check_timeout"], state_dir=state_dir)
 
-    options = _lines(section["ssh_options"])
+
+# Each parser takes the stripped value and returns it validated, or raises
+# ValueError with the problem ("is missing ...", '"x" is not ...').
+
+def _required_host(text):
+    if not text:
+        raise ValueError("is missing (the ssh server or its ssh_config alias)")
+    return parse_host(text)
+
+
+def _optional(parse):
+    return lambda text: parse(text) if text else None
+
+
+def _forwards(kind):
+    return lambda text: [parse_forward(line, kind) for line in _lines(text)]
+
+
+def _ssh_options(text):
+    options = _lines(text)
     for option in options:
         if not _OPTION_RE.match(option):
-            raise bad("ssh_options", '"%s" is not Key=Value' % option)
-
-    return Tunnel(
-        name=name,
-        host=host,
-        user=user,
-        port=port or None,
-        identity_file=_readable_file(section["identity_file"], bad, "identity_file"),
-        ssh_config=_readable_file(section["ssh_config"], bad, "ssh_config"),
-        forwards=tuple(forwards),
-        ssh_options=tuple(options),
-        ssh=_find_program(section["ssh"].strip(), bad),
-        alive_interval=_positive(section["server_alive_interval"], bad,
-                                 "server_alive_interval", integer=True),
-        alive_count=_positive(section["server_alive_count_max"], bad,
-                              "server_alive_count_max", integer=True),
-        check_timeout=_positive(section["check_timeout"], bad, "check_timeout"),
-        state_dir=_state_dir(section["state_dir"], name, bad),
-    )
+            raise ValueError('"%s" is not Key=Value' % option)
+    return options
 
 
 def _lines(value):
     return [line.strip() for line in value.splitlines() if line.strip()]
 
 
-def _readable_file(value, bad, key):
-    value = value.strip()
+def _readable_file(value):
     if not value:
         return ""
     path = os.path.expanduser(value)
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
-        raise bad(key, '"%s" is not a readable file' % value)
+        raise ValueError('"%s" is not a readable file' % value)
     try:
         with open(path, "rb"):
             pass
     except OSError as e:
-        raise bad(key, '"%s" cannot be read: %s' % (value, e.strerror))
+        raise ValueError('"%s" cannot be read: %s' % (value, e.strerror))
     return path
 
 
-def _find_program(value, bad):
+def _find_program(value):
     if not value:
-        raise bad("ssh", "is empty (the ssh client to run, e.g. ssh)")
+        raise ValueError("is empty (the ssh client to run, e.g. ssh)")
     path = os.path.expanduser(value)
-    if os.sep in path:
-        found = path if os.access(path, os.X_OK) and os.path.isfile(path) else None
-    else:
-        found = next((os.path.join(d, path)
-                      for d in os.environ.get("PATH", os.defpath).split(os.pathsep)
-                      if d and os.access(os.path.join(d, path), os.X_OK)
-                      and os.path.isfile(os.path.join(d, path))), None)
-    if not found:
-        raise bad("ssh", '"%s" not found or not executable (install the OpenSSH '
-                         'client or give its full path)' % value)
-    return found
+    dirs = [""] if os.sep in path else os.environ.get("PATH", os.defpath).split(os.pathsep)
+    for d in dirs:
+        candidate = os.path.join(d, path) if d else path
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise ValueError('"%s" not found or not executable (install the OpenSSH client or '
+                     'give its full path)' % value)
 
 
-def _positive(value, bad, key, integer=False):
-    try:
-        number = int(value) if integer else float(value)
-    except ValueError:
-        number = 0
-    if not 0 < number <= 3600:
-        raise bad(key, '"%s" is not a positive %s (1-3600)'
-                  % (value.strip(), "whole number" if integer else "number"))
-    return number
+def _positive(integer):
+    def parse(value):
+        try:
+            number = int(value) if integer else float(value)
+        except ValueError:
+            number = 0
+        if not 0 < number <= 3600:
+            raise ValueError('"%s" is not a positive %s (1-3600)'
+                             % (value, "whole number" if integer else "number"))
+        return number
+    return parse
 
 
-def _state_dir(value, name, bad):
-    path = os.path.abspath(os.path.expanduser(value.strip()))
+def _state_dir(value, name):
+    path = os.path.abspath(os.path.expanduser(value))
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
-        raise bad("state_dir", '"%s" cannot be created: %s' % (value.strip(), e.strerror))
+        raise ValueError('"%s" cannot be created: %s' % (value, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):
-        raise bad("state_dir", '"%s" is not writable' % value.strip())
+        raise ValueError('"%s" is not writable' % value)
     ctl = os.path.join(path, name + ".ctl")
     if len(ctl.encode()) >= SOCKET_PATH_MAX:
-        raise bad("state_dir", '"%s" is too long: the control socket path %s must '
-                  'stay under %d bytes' % (value.strip(), ctl, SOCKET_PATH_MAX))
+        raise ValueError('"%s" is too long: the control socket path %s must stay under '
+                         '%d bytes' % (value, ctl, SOCKET_PATH_MAX))
     return path
+
+
+_KEY_PARSERS = (
+    ("host", _required_host),
+    ("user", lambda text: parse_host(text, "user") if text else ""),
+    ("port", _optional(parse_port)),
+    ("identity_file", _readable_file),
+    ("ssh_config", _readable_file),
+    ("remote_forward", _forwards("R")),
+    ("local_forward", _forwards("L")),
+    ("ssh_options", _ssh_options),
+    ("ssh", _find_program),
+    ("server_alive_interval", _positive(integer=True)),
+    ("server_alive_count_max", _positive(integer=True)),
+    ("check_timeout", _positive(integer=False)),
+    ("state_dir", str),
+)
 
 
 def state_path(tunnel, suffix):
