@@ -128,8 +128,9 @@ def port_accepts(port):
 class SshServer:
     """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
 
-    def __init__(self, directory, force_command=None, key_options="", home=None, extra=()):
+    def __init__(self, directory, key_options="", home=None, session_path=None, extra=()):
         """home: give sessions this HOME (ssh-copy-id writes to $HOME/.ssh there).
+        session_path: the PATH commands run with on the server (e.g. one without nc).
         extra: more sshd_config lines."""
         self.dir = directory
         self.port = free_port()
@@ -163,10 +164,10 @@ class SshServer:
             "MaxStartups 100", "MaxSessions 100", "LogLevel VERBOSE",
         ]
         lines = list(extra) + lines     # sshd takes the first value of a keyword
-        if home:
-            force_command = 'HOME=%s; export HOME; cd; eval "$SSH_ORIGINAL_COMMAND"' % home
-        if force_command:
-            lines.append("ForceCommand %s" % force_command)
+        if home or session_path:
+            lines.append('ForceCommand %s%seval "$SSH_ORIGINAL_COMMAND"' % (
+                "HOME=%s; export HOME; cd; " % home if home else "",
+                "PATH=%s; " % session_path if session_path else ""))
         with open(self.config, "w") as f:
             f.write("\n".join(lines) + "\n")
         # The client side: everything a tunnel needs, through one -F file, so
@@ -217,8 +218,7 @@ def sshd(tmp_path_factory):
 @pytest.fixture(scope="session")
 def sshd_without_nc(tmp_path_factory):
     """A server where every command runs with a PATH that has no nc."""
-    server = SshServer(str(tmp_path_factory.mktemp("sshd-nonc")),
-                       force_command='PATH=/nonexistent; eval "$SSH_ORIGINAL_COMMAND"')
+    server = SshServer(str(tmp_path_factory.mktemp("sshd-nonc")), session_path="/nonexistent")
     yield server
     server.stop()
 

@@ -51,14 +51,15 @@ else:
 class Box:
     """A fresh box: a HOME of its own, a fake crontab, an agent, a server to reach."""
 
-    def __init__(self, tmp):
+    def __init__(self, tmp, session_path=None):
         self.tmp = tmp
         self.home = os.path.join(tmp, "home")
         self.server_home = os.path.join(tmp, "srvhome")
         os.makedirs(self.home)
         os.makedirs(os.path.join(self.server_home, ".ssh"))
         os.makedirs(os.path.join(tmp, "sshd"))
-        self.server = SshServer(os.path.join(tmp, "sshd"), home=self.server_home)
+        self.server = SshServer(os.path.join(tmp, "sshd"), home=self.server_home,
+                                session_path=session_path)
         # the wizard's own ssh settings: a known_hosts that starts empty
         self.known_hosts = os.path.join(tmp, "known_hosts")
         self.ssh_config = os.path.join(tmp, "ssh_config")
@@ -389,3 +390,50 @@ def test_key_is_installed_over_ssh_when_there_is_no_ssh_copy_id(box, service):
     assert open(key).read().split()[1] in box.authorized()
     assert connect_read(remote) == service.greeting
     assert not os.path.exists(box.crontab)
+
+
+def run_yes(box, remote, service):
+    return box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                   "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
+                   "--config", box.config, "--no-cron", "--accept-host-key")
+
+
+def test_server_without_nc_is_set_up_with_a_warning(service):
+    # the server's commands run with a PATH that has the shell's tools but no nc
+    tools = tempfile.mkdtemp(prefix="ctt", dir="/tmp")
+    os.symlink(shutil.which("cat"), os.path.join(tools, "cat"))
+    os.symlink(shutil.which("mkdir"), os.path.join(tools, "mkdir"))
+    os.symlink(shutil.which("sh"), os.path.join(tools, "sh"))
+    b = Box(tempfile.mkdtemp(prefix="ctw", dir="/tmp"), session_path=tools)
+    try:
+        remote = free_port()
+        result = run_yes(b, remote, service)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "Warning: no nc on the server." in result.stdout
+        assert "cannot see a reverse forward that died while ssh lives" in result.stdout
+        assert "cannot check: no nc on the server" in result.stderr     # the first tick
+        assert connect_read(remote) == service.greeting
+    finally:
+        b.close()
+        shutil.rmtree(b.tmp, ignore_errors=True)
+        shutil.rmtree(tools, ignore_errors=True)
+
+
+def test_reverse_port_in_use_on_the_server_is_warned_about(box, service):
+    import socket
+    remote = free_port()
+    squatters = []
+    for family, address in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+        squatter = socket.socket(family)
+        squatter.bind((address, remote))
+        squatter.listen(1)
+        squatters.append(squatter)
+    try:
+        result = run_yes(box, remote, service)
+    finally:
+        for squatter in squatters:
+            squatter.close()
+    assert "Warning: port %d on the server is in use already" % remote in result.stdout
+    assert result.returncode == 1                      # and the first tick says why
+    assert "remote port forwarding failed for listen port %d" % remote in result.stderr
+    assert os.path.exists(box.config)
