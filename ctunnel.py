@@ -988,7 +988,11 @@ def cmd_check(tunnels, args, reporter):
     outcomes = {}
 
     def work(t):
-        outcomes[t.name] = tick_tunnel(t, verbose=args.verbose)
+        try:
+            outcomes[t.name] = tick_tunnel(t, verbose=args.verbose)
+        except OSError as e:      # e.g. state_dir removed or full: say so, in one line
+            outcomes[t.name] = Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))],
+                                       [])
 
     threads = [threading.Thread(target=work, args=(t,)) for t in tunnels]
     for thread in threads:

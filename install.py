@@ -633,6 +633,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("\ninstall.py: interrupted%s\n" % _written(asker))
         return 130
+    except (OSError, subprocess.SubprocessError) as e:
+        # a tool that hung or failed (ssh-keygen, ssh-keyscan): one line, no traceback
+        sys.stderr.write("install.py: %s%s\n" % (e, _written(asker)))
+        return 1
 
 
 def _written(asker):

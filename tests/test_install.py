@@ -437,3 +437,16 @@ def test_reverse_port_in_use_on_the_server_is_warned_about(box, service):
     assert result.returncode == 1                      # and the first tick says why
     assert "remote port forwarding failed for listen port %d" % remote in result.stderr
     assert os.path.exists(box.config)
+
+
+def test_a_failing_tool_is_one_line_not_a_traceback(box):
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--remote-forward", "%d:127.0.0.1:22" % free_port(), "--no-cron",
+                     "--config", box.config, "--accept-host-key",
+                     "--identity-file", "/proc/no-such-dir/key")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("install.py: ") and "/proc/no-such-dir" in line
+    assert line.endswith("; the config was not written")
+    assert not os.path.exists(box.config)

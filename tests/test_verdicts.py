@@ -6,6 +6,7 @@ cases are proven end to end in test_tick.py, these cover the rest.
 
 import os
 import stat
+import sys
 
 import pytest
 
@@ -87,3 +88,12 @@ def test_launch_failures_get_a_hint(said, hint):
     assert text.startswith(said)
     assert (hint in text) if hint else text == said
     assert ctunnel.explain_ssh_failure("", 255) == "ssh exited 255 without a message"
+
+
+def test_a_tick_that_cannot_use_its_state_dir_says_so_in_one_line(tmp_path, capsys):
+    gone = make_tunnel(tmp_path / "vanished")          # state_dir removed after loading
+    reporter = ctunnel.Reporter(stream=sys.stderr, syslog_path=str(tmp_path / "nolog"))
+    args = ctunnel.parse_args([])
+    assert ctunnel.cmd_check([gone], args, reporter) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "pi: [Errno 2] No such file or directory" in err[0]
