@@ -346,16 +346,16 @@ def _positive(integer):
 
 def _state_dir(value, name):
     path = os.path.abspath(os.path.expanduser(value))
+    ctl = os.path.join(path, name + ".ctl")
+    if len(ctl.encode()) >= SOCKET_PATH_MAX:
+        raise ValueError('"%s" is too long: the control socket path %s must stay under '
+                         '%d bytes' % (value, ctl, SOCKET_PATH_MAX))
     try:
         os.makedirs(path, mode=0o700, exist_ok=True)
     except OSError as e:
         raise ValueError('"%s" cannot be created: %s' % (value, e.strerror))
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError('"%s" is not writable' % value)
-    ctl = os.path.join(path, name + ".ctl")
-    if len(ctl.encode()) >= SOCKET_PATH_MAX:
-        raise ValueError('"%s" is too long: the control socket path %s must stay under '
-                         '%d bytes' % (value, ctl, SOCKET_PATH_MAX))
     return path
 
 

@@ -93,6 +93,7 @@ def test_bad_config_is_one_line_and_exit_2(tmp_path, keyfile, name, text, words)
     assert lines[0].startswith("ctunnel: %s" % conf), lines[0]
     for word in words:
         assert word in lines[0]
+    assert not os.path.exists("/tmp/" + "d" * 120)     # a rejected state_dir is not made
 
 
 def test_missing_config_file(tmp_path):
