@@ -439,9 +439,12 @@ def build_mux_argv(tunnel, *command):
     return argv + ["--", tunnel.host] + list(command)
 
 
-def remote_check_command(tunnel, forward):
-    """Return the command the server runs to see its end of a -R forward."""
-    wait = max(1, int(tunnel.check_timeout) - 1)
+def remote_check_command(forward, timeout):
+    """Return the command the server runs to see its end of a -R forward.
+
+    nc gives up a second before our own timeout would fire on the ssh client.
+    """
+    wait = max(1, int(timeout) - 1)
     return ["nc", "-z", "-w", str(wait), check_address(forward), str(forward.port)]
 
 
@@ -694,7 +697,7 @@ def check_remote_forward(tunnel, forward):
     stale session of ours still holds the port.
     """
     name = "remote forward %d" % forward.port
-    argv = build_mux_argv(tunnel, *remote_check_command(tunnel, forward))
+    argv = build_mux_argv(tunnel, *remote_check_command(forward, tunnel.check_timeout))
     rc, err = _run(argv, tunnel.check_timeout)
     if rc is None:
         return Verdict(name, DOWN, "check hung for %gs: the connection is dead"
@@ -1089,7 +1092,8 @@ def cmd_dry_run(tunnels, out):
         out.write(quote_argv(build_mux_argv(t, "-O", "check")) + "\n")
         for f in t.forwards:
             if f.kind == "R":
-                out.write(quote_argv(build_mux_argv(t, *remote_check_command(t, f))) + "\n")
+                out.write(quote_argv(build_mux_argv(
+                    t, *remote_check_command(f, t.check_timeout))) + "\n")
         out.write(quote_argv(build_launch_argv(t)) + "\n")
     return EXIT_OK
 
@@ -1147,13 +1151,17 @@ def main(argv=None):
     except CtunnelError as e:
         sys.stderr.write("ctunnel: %s\n" % e)
         return EXIT_USAGE
-    if args.dry_run:
-        return cmd_dry_run(tunnels, sys.stdout)
-    if args.command == "status":
-        return cmd_status(tunnels, args, sys.stdout)
-    if args.command == "stop":
-        return cmd_stop(tunnels, args, reporter)
-    return cmd_check(tunnels, args, reporter)
+    try:
+        if args.dry_run:
+            return cmd_dry_run(tunnels, sys.stdout)
+        if args.command == "status":
+            return cmd_status(tunnels, args, sys.stdout)
+        if args.command == "stop":
+            return cmd_stop(tunnels, args, reporter)
+        return cmd_check(tunnels, args, reporter)
+    except OSError as e:      # e.g. state_dir removed after loading: one line, no traceback
+        sys.stderr.write("ctunnel: %s\n" % e)
+        return EXIT_DOWN
 
 
 if __name__ == "__main__":

@@ -397,8 +397,7 @@ def check_server(plan, asker):
         return
     for spec in plan.remote:
         fwd = ctunnel.parse_forward(spec)
-        status, _ = ssh_run(plan, "nc", "-z", "-w", "3", ctunnel.check_address(fwd),
-                            str(fwd.port))
+        status, _ = ssh_run(plan, *ctunnel.remote_check_command(fwd, 4))
         if status == 0:
             asker.say("Warning: port %d on the server is in use already (an earlier tunnel "
                       "of this box? another program?). The tunnel cannot start while it is."

@@ -248,7 +248,7 @@ def test_mux_argv_cannot_fall_back_to_a_new_connection(tmp_path):
     assert "ProxyCommand=false" in argv
     assert argv[argv.index("-S") + 1] == str(tmp_path / "pi.ctl")
     assert argv[-6:] == ["--", "vps", "nc", "-z", "127.0.0.1", "1122"]
-    assert ctunnel.remote_check_command(t, t.forwards[0]) == \
+    assert ctunnel.remote_check_command(t.forwards[0], t.check_timeout) == \
         ["nc", "-z", "-w", "4", "127.0.0.1", "1122"]
 
 
@@ -294,3 +294,22 @@ def test_example_config_is_valid(tmp_path):
     assert "-R 8080:192.168.1.20:80 -R 8554:192.168.1.20:554 -L 1883:127.0.0.1:1883" \
         in result.stdout
     assert "-p 2222" in result.stdout
+
+
+def test_status_and_stop_without_their_state_dir_say_so_in_one_line(tmp_path, keyfile):
+    """The state_dir vanishes between loading and acting (a tmp cleaner): no traceback."""
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile))
+    hook = ("import os, runpy, sys; real = os.open\n"
+            "def gone(path, *a, **k):\n"
+            "    if str(path).endswith('.lock'): raise FileNotFoundError(2, 'No such file "
+            "or directory', path)\n"
+            "    return real(path, *a, **k)\n"
+            "os.open = gone; sys.argv = sys.argv[1:]\n"
+            "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", hook, CTUNNEL, "-c", str(conf), "stop"],
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("ctunnel: [Errno 2] No such file or directory") and "pi.lock" in line

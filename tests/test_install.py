@@ -338,12 +338,16 @@ def test_merge_section_replaces_only_that_section(before, expected):
 
 
 def test_cron_line_needs_no_c_when_ctunnel_finds_the_config(tmp_path, monkeypatch):
-    beside = os.path.join(os.path.dirname(install.CTUNNEL_PY), "rstunnel.conf")
-    line = install.cron_line(str(tmp_path / "x.conf"))
-    assert line == "* * * * * %s -c %s" % (install.CTUNNEL_PY, tmp_path / "x.conf")
-    if not os.path.exists(beside):
-        return
-    assert install.cron_line(beside) == "* * * * * " + install.CTUNNEL_PY
+    # ctunnel.py installed in a folder with a space, its config beside it
+    folder = tmp_path / "my box"
+    folder.mkdir()
+    monkeypatch.setattr(install, "CTUNNEL_PY", str(folder / "ctunnel.py"))
+    beside = folder / "rstunnel.conf"
+    beside.write_text("")
+    quoted = "'%s'" % (folder / "ctunnel.py")
+    assert install.cron_line(str(beside)) == "* * * * * " + quoted
+    assert install.cron_line(str(tmp_path / "x.conf")) == \
+        "* * * * * %s -c %s" % (quoted, tmp_path / "x.conf")
 
 
 def test_server_advice_is_tailored():

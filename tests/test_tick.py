@@ -424,3 +424,19 @@ def test_quiet_hides_successes_but_never_failures(rig, service):
     broken = rig.run("-q")
     assert broken.returncode == 1
     assert "pi: start failed: " in broken.stderr and "Permission denied" in broken.stderr
+
+
+def test_ssh_options_reach_ssh_and_an_unknown_host_key_is_explained(rig, service, tmp_path):
+    """ssh_options come after ctunnel's own options but before ssh_config, so they
+    win over it: an empty known_hosts makes the server's key unknown."""
+    empty = tmp_path / "known_hosts"
+    empty.write_text("")
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (free_port(), service.port),
+                     ssh_options=["UserKnownHostsFile=%s" % empty, "Compression=yes"])
+    tick = rig.run()
+    assert tick.returncode == 1
+    (line,) = tick.stderr.splitlines()
+    assert "pi: start failed: Host key verification failed." in line
+    assert "run ssh once by hand to accept its key" in line
+    assert rig.ssh_pids() == []
+    assert empty.read_text() == ""           # host-key checking was never turned off
