@@ -7,6 +7,7 @@ import importlib.util
 import os
 import re
 import shutil
+import socket
 import stat
 import tempfile
 import subprocess
@@ -267,20 +268,37 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, keyfile):
 
 
 def test_process_identity_is_the_control_socket_in_argv(tmp_path):
+    """Only a live ssh whose argv names this tunnel's control socket is ours.
+
+    Every process is exec'd before Popen returns (it waits on the exec), so
+    nothing here races; each negative case fails if the identity check goes.
+    """
     t = make_tunnel(tmp_path)
     ctl = str(tmp_path / "pi.ctl")
-    mine = subprocess.Popen(["/bin/sh", "-c", "exec -a ssh sleep 30", "x"])
-    other = subprocess.Popen(["sleep", "30", "-S", ctl])   # our path, but not ssh
+    silent = socket.socket()                    # a server that never says its banner
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(4)
+    ssh = ["/usr/bin/ssh", "-F", "/dev/null", "-o", "BatchMode=yes", "-o", "ConnectTimeout=60",
+           "-p", str(silent.getsockname()[1])]
+    ours = subprocess.Popen(ssh + ["-S", ctl, "-M", "-N", "127.0.0.1"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    other_ctl = subprocess.Popen(ssh + ["-S", ctl + "x", "-M", "-N", "127.0.0.1"],
+                                 stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    not_ssh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
+                                "-S", ctl])                   # our path, but not ssh
     try:
-        assert not ctunnel.is_tunnel_ssh(mine.pid, t)        # ssh, but not our socket
-        assert not ctunnel.is_tunnel_ssh(other.pid, t)
+        assert ctunnel.is_tunnel_ssh(ours.pid, t)
+        assert not ctunnel.is_tunnel_ssh(other_ctl.pid, t)     # ssh, but not our socket
+        assert not ctunnel.is_tunnel_ssh(not_ssh.pid, t)
         assert not ctunnel.is_tunnel_ssh(os.getpid(), t)
-        assert ctunnel.process_alive(mine.pid)
+        assert all(ctunnel.process_alive(p.pid) for p in (ours, other_ctl, not_ssh))
     finally:
-        for p in (mine, other):
+        for p in (ours, other_ctl, not_ssh):
             p.kill()
             p.wait()
-    assert not ctunnel.process_alive(mine.pid)
+        silent.close()
+    assert not ctunnel.process_alive(ours.pid)
+    assert not ctunnel.is_tunnel_ssh(ours.pid, t)
 
 
 def test_example_config_is_valid(tmp_path):
