@@ -41,12 +41,10 @@ import json
 import math
 import os
 import re
-import shlex
+import select
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from collections import namedtuple
 
@@ -69,6 +67,7 @@ DEFAULTS = {
     "server_alive_interval": "10",
     "server_alive_count_max": "3",
     "check_timeout": "5",
+    "remote_check": "auto",
     "state_dir": "~/.local/state/ctunnel",
 }
 KNOWN_KEYS = frozenset(DEFAULTS) | {"host"}
@@ -78,13 +77,18 @@ CONFIG_ENV = "CTUNNEL_CONFIG"
 SYSLOG_ENV = "CTUNNEL_SYSLOG"          # socket path, for tests; default /dev/log
 SYSLOG_PATH = "/dev/log"
 
-UP, DOWN, UNKNOWN = "UP", "DOWN", "UNKNOWN"
+# Verdicts. Only DOWN restarts the tunnel. TARGET_DOWN: the tunnel works but
+# the service behind a forward refuses or does not answer.
+UP, DOWN, UNKNOWN, TARGET_DOWN = "UP", "DOWN", "UNKNOWN", "TARGET_DOWN"
+REMOTE_CHECKS = ("auto", "channel", "nc", "none")
+DEFAULT_BIND = "127.0.0.1"  # a forward without a bind address listens here
 EXIT_OK, EXIT_DOWN, EXIT_USAGE = 0, 1, 2
 
 KILL_GRACE = 2.0            # seconds between SIGTERM and SIGKILL
 LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
 SOCKET_PATH_MAX = 104       # sun_path is 104-108 bytes depending on the OS
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
+PARALLEL = 16               # tunnels checked at once
 REPEAT_FAILURE_AFTER = 3600 # seconds before an unchanged failure is printed again
 
 # syslog severities (RFC 5424), facility "user"
@@ -126,7 +130,7 @@ Forward = namedtuple("Forward", "kind bind port host hostport spec")
 Tunnel = namedtuple(
     "Tunnel",
     "name host user port identity_file ssh_config forwards ssh_options ssh "
-    "alive_interval alive_count check_timeout state_dir",
+    "alive_interval alive_count check_timeout remote_check state_dir",
 )
 
 
@@ -272,7 +276,8 @@ def _load_tunnel(path, name, section):
                   forwards=tuple(forwards), ssh_options=tuple(values["ssh_options"]),
                   ssh=values["ssh"], alive_interval=values["server_alive_interval"],
                   alive_count=values["server_alive_count_max"],
-                  check_timeout=values["check_timeout"], state_dir=state_dir)
+                  check_timeout=values["check_timeout"],
+                  remote_check=values["remote_check"], state_dir=state_dir)
 
 
 # Each parser takes the stripped value and returns it validated, or raises
@@ -298,6 +303,14 @@ def _ssh_options(text):
         if not _OPTION_RE.match(option):
             raise ValueError('"%s" is not Key=Value' % option)
     return options
+
+
+def _one_of(choices):
+    def parse(value):
+        if value not in choices:
+            raise ValueError('"%s" is not one of %s' % (value, ", ".join(choices)))
+        return value
+    return parse
 
 
 def _lines(value):
@@ -372,6 +385,7 @@ _KEY_PARSERS = (
     ("server_alive_interval", _positive(integer=True)),
     ("server_alive_count_max", _positive(integer=True)),
     ("check_timeout", _positive(integer=False)),
+    ("remote_check", _one_of(REMOTE_CHECKS)),
     ("state_dir", str),
 )
 
@@ -418,8 +432,20 @@ def build_launch_argv(tunnel):
     for option in tunnel.ssh_options:
         argv += ["-o", option]
     for fwd in tunnel.forwards:
-        argv += ["-" + fwd.kind, fwd.spec]
+        argv += ["-" + fwd.kind, forward_arg(fwd)]
     return argv + ["--", tunnel.host]
+
+
+def forward_arg(forward):
+    """Return the -L/-R argument, always with a bind address.
+
+    Without one, ssh asks for "localhost": the listener may then end up on
+    only one of 127.0.0.1 and ::1 (the other held by another program) and the
+    forward still "succeeds". Naming 127.0.0.1 makes ssh bind exactly that,
+    and ExitOnForwardFailure fire when it is taken.
+    """
+    return "%s:%d:%s:%d" % (forward.bind or DEFAULT_BIND, forward.port, forward.host,
+                            forward.hostport)
 
 
 def build_mux_argv(tunnel, *command):
@@ -445,12 +471,181 @@ def remote_check_command(forward, timeout):
     nc gives up a second before our own timeout would fire on the ssh client.
     """
     wait = max(1, int(timeout) - 1)
-    return ["nc", "-z", "-w", str(wait), check_address(forward), str(forward.port)]
+    return ["nc", "-z", "-w", str(wait), "--", check_address(forward), str(forward.port)]
 
 
 def quote_argv(argv):
     """Return argv as one shell-quoted line, for logs and --dry-run."""
+    import shlex
     return " ".join(shlex.quote(a) for a in argv)
+
+
+# ---------------------------------------------------------------------------
+# The control-socket client: OpenSSH's multiplexing protocol (PROTOCOL.mux)
+# ---------------------------------------------------------------------------
+#
+# A packet is a uint32 length, then a uint32 type and its fields: uint32s and
+# strings (uint32 length + bytes). Both sides start with a hello; version 4
+# has been the protocol since OpenSSH 5.x. Since OpenSSH 6.7 the master
+# answers a stdio forward only once the server has opened or refused the
+# channel, so the reply itself tells a refused channel from an open one.
+
+MUX_MSG_HELLO = 0x00000001
+MUX_C_ALIVE_CHECK = 0x10000004
+MUX_C_NEW_STDIO_FWD = 0x10000008
+MUX_S_PERMISSION_DENIED = 0x80000002
+MUX_S_FAILURE = 0x80000003
+MUX_S_ALIVE = 0x80000005
+MUX_S_SESSION_OPENED = 0x80000006
+MUX_VERSION = 4
+MUX_MAX_PACKET = 16384      # a reply is a few dozen bytes; anything longer is garbage
+
+
+class MuxError(CtunnelError):
+    """The control master answered nothing we can use."""
+
+
+class MuxTimeout(MuxError):
+    """The control master did not answer in time."""
+
+
+class MuxVersionError(MuxError):
+    """The master speaks another protocol version (fall back to ssh -O)."""
+
+
+class MuxRefused(MuxError):
+    """The master (or the server behind it) refused the request."""
+
+
+def mux_packet(msg_type, *fields):
+    """Encode one packet: ints are uint32, str and bytes are strings."""
+    body = [msg_type.to_bytes(4, "big")]
+    for field in fields:
+        if isinstance(field, int):
+            body.append(field.to_bytes(4, "big"))
+        else:
+            data = field.encode("utf-8") if isinstance(field, str) else field
+            body += [len(data).to_bytes(4, "big"), data]
+    body = b"".join(body)
+    return len(body).to_bytes(4, "big") + body
+
+
+def mux_fields(body, layout):
+    """Decode body by layout ("I" a uint32, "s" a string); extra bytes are allowed.
+
+    Raises MuxError when the body is shorter than the layout says.
+    """
+    values, at = [], 0
+    for kind in layout:
+        if at + 4 > len(body):
+            raise MuxError("short reply from the control master")
+        number = int.from_bytes(body[at:at + 4], "big")
+        at += 4
+        if kind == "s":
+            if at + number > len(body):
+                raise MuxError("short reply from the control master")
+            values.append(body[at:at + number].decode("utf-8", "replace"))
+            at += number
+        else:
+            values.append(number)
+    return values
+
+
+class MuxClient:
+    """One connection to a tunnel's control socket; every read bounded by deadline."""
+
+    def __init__(self, path, deadline):
+        self.deadline = deadline
+        self.request_id = 0
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self._settimeout()
+            self.sock.connect(path)
+            msg_type, body = self.read_packet()
+            if msg_type != MUX_MSG_HELLO:
+                raise MuxError("control master sent message 0x%08x instead of hello"
+                               % msg_type)
+            (version,) = mux_fields(body, "I")
+            if version != MUX_VERSION:
+                raise MuxVersionError("control master speaks protocol %d" % version)
+            self.sock.sendall(mux_packet(MUX_MSG_HELLO, MUX_VERSION))
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        self.sock.close()
+
+    def _settimeout(self):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise MuxTimeout("no answer")
+        self.sock.settimeout(left)
+
+    def _recv_exact(self, size):
+        data = b""
+        while len(data) < size:
+            self._settimeout()
+            try:
+                chunk = self.sock.recv(size - len(data))
+            except socket.timeout:
+                raise MuxTimeout("no answer")
+            if not chunk:
+                raise MuxError("control master closed the connection")
+            data += chunk
+        return data
+
+    def read_packet(self):
+        """Return (type, rest of body) of the next packet."""
+        size = int.from_bytes(self._recv_exact(4), "big")
+        if not 4 <= size <= MUX_MAX_PACKET:
+            raise MuxError("control master sent a packet of %d bytes" % size)
+        body = self._recv_exact(size)
+        return int.from_bytes(body[:4], "big"), body[4:]
+
+    def request(self, msg_type, *fields, fds=()):
+        """Send a request (and pass fds), return (type, body after the request id)."""
+        self.request_id += 1
+        self._settimeout()
+        self.sock.sendall(mux_packet(msg_type, self.request_id, *fields))
+        for fd in fds:      # one byte with each descriptor, as ssh's mm_send_fd does
+            self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                         fd.to_bytes(4, sys.byteorder))])
+        try:
+            reply_type, body = self.read_packet()
+        except socket.timeout:
+            raise MuxTimeout("no answer")
+        (reply_id,) = mux_fields(body, "I")
+        if reply_id != self.request_id:
+            raise MuxError("control master answered request %d, not %d"
+                           % (reply_id, self.request_id))
+        if reply_type in (MUX_S_FAILURE, MUX_S_PERMISSION_DENIED):
+            raise MuxRefused(mux_fields(body[4:], "s")[0])
+        return reply_type, body[4:]
+
+    def alive(self):
+        """Return the master's PID (MUX_C_ALIVE_CHECK)."""
+        reply_type, body = self.request(MUX_C_ALIVE_CHECK)
+        if reply_type != MUX_S_ALIVE:
+            raise MuxError("control master sent 0x%08x to an alive check" % reply_type)
+        return mux_fields(body, "I")[0]
+
+    def open_stdio(self, host, port, rfd, wfd):
+        """Ask the master for a channel to host:port from the server (ssh -W).
+
+        The master reads what we write into rfd and writes what comes back to
+        wfd. Returns once the server opened the channel; raises MuxRefused
+        when it refused it.
+        """
+        reply_type, _ = self.request(MUX_C_NEW_STDIO_FWD, "", host, port, fds=(rfd, wfd))
+        if reply_type != MUX_S_SESSION_OPENED:
+            raise MuxError("control master sent 0x%08x to a channel request" % reply_type)
 
 
 # ---------------------------------------------------------------------------
@@ -514,14 +709,22 @@ def _cmdline(pid):
 
 
 def is_tunnel_ssh(pid, tunnel):
-    """Return True if pid is an ssh whose argv holds this tunnel's -S CTL.
+    """Return True if pid is this tunnel's ssh: ours, the ssh binary, our -S CTL.
 
-    The control socket path is unique to this tunnel, so this is what makes
-    a PID ours; a recycled PID or an admin's own ssh never matches.
+    The control socket path is unique to this tunnel, so a recycled PID or an
+    admin's own ssh never matches; the owner and /proc/PID/exe keep another
+    user's look-alike, or a program that only calls itself ssh, from matching.
     """
-    args = _cmdline(pid)
-    if not args or "ssh" not in os.path.basename(args[0]):
+    try:
+        if os.stat("/proc/%d" % pid).st_uid != os.geteuid():
+            return False
+        exe = os.readlink("/proc/%d/exe" % pid)
+    except OSError:
         return False
+    # a running ssh whose binary was upgraded since shows "PATH (deleted)"
+    if exe.rsplit(" (deleted)", 1)[0] != os.path.realpath(tunnel.ssh):
+        return False
+    args = _cmdline(pid)
     ctl = state_path(tunnel, "ctl")
     return any(a == "-S" and b == ctl for a, b in zip(args, args[1:]))
 
@@ -539,6 +742,58 @@ def find_tunnel_processes(tunnel):
             if is_tunnel_ssh(pid, tunnel) and process_alive(pid):
                 pids.append(pid)
     return pids
+
+
+def socket_inodes(pid):
+    """Return the inodes of every socket pid holds open (its /proc/PID/fd)."""
+    inodes = set()
+    fd_dir = "/proc/%d/fd" % pid
+    try:
+        fds = os.listdir(fd_dir)
+    except OSError:
+        return inodes
+    for fd in fds:
+        try:
+            link = os.readlink(os.path.join(fd_dir, fd))
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(int(link[8:-1]))
+    return inodes
+
+
+TcpSocket = namedtuple("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
+TCP_LISTEN, TCP_SYN_SENT = 0x0A, 0x02
+TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
+
+
+def tcp_sockets(inodes):
+    """Return the TcpSocket of each inode in /proc/net/tcp and tcp6."""
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table, "rb") as f:
+                lines = f.read(TCP_TABLE_MAX).decode("ascii", "replace").splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 9 and fields[9].isdigit() and int(fields[9]) in inodes:
+                local, remote = fields[1].split(":"), fields[2].split(":")
+                found.append(TcpSocket(int(fields[9]), _proc_address(local[0]),
+                                       int(local[1], 16), _proc_address(remote[0]),
+                                       int(remote[1], 16), int(fields[3], 16)))
+    return found
+
+
+def _proc_address(text):
+    """Decode /proc/net/tcp's hex address: 32-bit words in the host's byte order."""
+    raw = bytes.fromhex(text)
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        raw = raw[12:]              # an IPv4 client of a dual-stack socket
+    return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
 def kill_process(pid, grace=KILL_GRACE):
@@ -609,18 +864,44 @@ class TunnelLock:
 # ---------------------------------------------------------------------------
 
 Verdict = namedtuple("Verdict", "check state detail")
+OUTPUT_MAX = 65536          # bytes kept of what a program prints; the rest is drained
 
 
 def _run(argv, timeout):
-    """Run argv without a shell; return (exit status or None on timeout, stderr)."""
+    """Run argv without a shell; return (status or None on timeout, stdout, stderr).
+
+    Output is read with a cap, so a server that talks without end cannot
+    fill the box's memory; the excess is read and thrown away.
+    """
+    import subprocess
+    import selectors
     try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return None, ""
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE)
     except OSError as e:
-        return 255, "cannot run %s: %s" % (argv[0], e.strerror)
-    return proc.returncode, proc.stderr.decode("utf-8", "replace").strip()
+        return 255, "", "cannot run %s: %s" % (argv[0], e.strerror)
+    kept = {proc.stdout: b"", proc.stderr: b""}
+    deadline = time.monotonic() + timeout
+    with selectors.DefaultSelector() as selector:
+        for pipe in kept:
+            selector.register(pipe, selectors.EVENT_READ)
+        while selector.get_map() and time.monotonic() < deadline:
+            for key, _ in selector.select(max(0.0, deadline - time.monotonic())):
+                data = os.read(key.fd, 16384)
+                if not data:
+                    selector.unregister(key.fileobj)
+                elif len(kept[key.fileobj]) < OUTPUT_MAX:
+                    kept[key.fileobj] += data[:OUTPUT_MAX - len(kept[key.fileobj])]
+    try:
+        status = proc.wait(max(0.0, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        status = None
+    for pipe in kept:
+        pipe.close()
+    return status, kept[proc.stdout].decode("utf-8", "replace"), \
+        kept[proc.stderr].decode("utf-8", "replace").strip()
 
 
 def _lines_said(text):
@@ -640,85 +921,321 @@ def _first_line(text):
     return lines[0] if lines else ""
 
 
+def _why(error):
+    """One line for an exception: an OSError's own words, else its message."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error) or error.__class__.__name__
+
+
 def check_process(tunnel):
-    """Is the pidfile's PID alive and this tunnel's ssh?"""
+    """Is the pidfile's PID alive and this tunnel's ssh? Return (pid, Verdict)."""
     pid = read_pidfile(tunnel)
     if pid is None:
-        return Verdict("process", DOWN, "not running")
+        return None, Verdict("process", DOWN, "not running")
     if not process_alive(pid):
-        return Verdict("process", DOWN, "process %d gone" % pid)
+        return None, Verdict("process", DOWN, "process %d gone" % pid)
     if not is_tunnel_ssh(pid, tunnel):
-        return Verdict("process", DOWN,
-                       "pidfile names PID %d, which is not this tunnel's ssh" % pid)
-    return Verdict("process", UP, "pid %d" % pid)
+        return None, Verdict("process", DOWN,
+                             "pidfile names PID %d, which is not this tunnel's ssh" % pid)
+    return pid, Verdict("process", UP, "pid %d" % pid)
 
 
 def query_master(tunnel):
-    """Ask the control master for its PID: return (pid, None) or (None, problem)."""
-    rc, err = _run(build_mux_argv(tunnel, "-O", "check"), tunnel.check_timeout)
+    """Ask `ssh -O check` for the master's PID: return (pid, None) or (None, problem).
+
+    Only for a master that does not speak mux protocol version 4.
+    """
+    rc, _, err = _run(build_mux_argv(tunnel, "-O", "check"), tunnel.check_timeout)
     if rc is None:
-        return None, "control master did not answer within %gs (hung)" % tunnel.check_timeout
+        return None, "control master did not answer within %gs: hung" % tunnel.check_timeout
     m = re.search(r"Master running \(pid=(\d+)\)", err)
     if rc != 0 or not m:
         return None, "control master: %s" % (_first_line(err) or "ssh exited %d" % rc)
     return int(m.group(1)), None
 
 
-def check_master(tunnel):
-    """Does the control master answer `ssh -O check` in time?"""
-    pid, problem = query_master(tunnel)
-    return Verdict("master", DOWN, problem) if problem else Verdict("master", UP, "pid %d" % pid)
-
-
-def check_local_forward(tunnel, forward):
-    """Does the -L listen port accept a connection?
-
-    Connected is UP even when the far end then says nothing and keeps the
-    connection open: that silence is what `timeout 3 nc` reported as exit 124,
-    a success that looked like a failure.
-    """
-    name = "local forward %d" % forward.port
+def check_master(tunnel, expected=None):
+    """Does the control master answer, and is it the expected PID? Return (pid, Verdict)."""
     try:
-        sock = socket.create_connection((check_address(forward), forward.port),
-                                        timeout=tunnel.check_timeout)
-        sock.close()
-    except socket.timeout:
-        return Verdict(name, DOWN, "connect timed out")
-    except OSError as e:
-        return Verdict(name, DOWN, e.strerror.lower() if e.strerror else str(e))
-    return Verdict(name, UP, "listening")
+        with MuxClient(state_path(tunnel, "ctl"), _deadline(tunnel)) as mux:
+            pid = mux.alive()
+    except MuxVersionError:
+        pid, problem = query_master(tunnel)
+        if problem:
+            return None, Verdict("master", DOWN, problem)
+    except MuxTimeout:
+        return None, Verdict("master", DOWN, "control master did not answer within %gs: hung"
+                             % tunnel.check_timeout)
+    except (MuxError, OSError) as e:
+        return None, Verdict("master", DOWN, "control socket: %s" % _why(e))
+    if expected and pid != expected:
+        return None, Verdict("master", DOWN, "control socket answers for pid %d, not the "
+                             "pidfile's %d" % (pid, expected))
+    return pid, Verdict("master", UP, "pid %d" % pid)
 
 
-def check_remote_forward(tunnel, forward):
-    """Is there a listener on the server's end of a -R forward?
+def _deadline(tunnel):
+    return time.monotonic() + tunnel.check_timeout
 
-    Asked on the server over the tunnel's own connection, so the check fails
-    exactly when this tunnel is dead, even when the server is reachable and a
-    stale session of ours still holds the port.
+
+def _ms(since):
+    return "%d ms" % max(1, round((time.monotonic() - since) * 1000))
+
+
+class Channel:
+    """A channel from the server to host:port, opened by the tunnel's own master.
+
+    We keep the write end of its input: while we hold it the server sees no
+    end of input, and the connection at the far end stays open while we look.
+    """
+
+    def __init__(self, tunnel, host, port, deadline):
+        self.mux = MuxClient(state_path(tunnel, "ctl"), deadline)
+        read_end, self.input = os.pipe()
+        self.output, theirs = socket.socketpair()
+        try:
+            self.mux.open_stdio(host, port, read_end, theirs.fileno())
+        except BaseException:
+            self.close()
+            raise
+        finally:
+            os.close(read_end)
+            theirs.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        for close in (self.output.close, lambda: os.close(self.input), self.mux.close):
+            try:
+                close()
+            except OSError:
+                pass
+
+
+def _log_size(tunnel):
+    try:
+        return os.stat(state_path(tunnel, "log")).st_size
+    except OSError:
+        return 0
+
+
+def _log_since(tunnel, offset, limit=8192):
+    """Return what the master wrote to NAME.log since offset (at most limit bytes)."""
+    try:
+        with open(state_path(tunnel, "log"), "rb") as f:
+            f.seek(offset)
+            return f.read(limit).decode("utf-8", "replace")
+    except OSError:
+        return ""
+
+
+def _ip(text):
+    """Return text as packed IP address bytes, or None if it is a name."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            return socket.inet_pton(family, text)
+        except OSError:
+            pass
+    return None
+
+
+def _is_target(sock, forward):
+    """Is sock a connection to the forward's host:hostport (by port alone for a name)?"""
+    wanted = _ip(forward.host.strip("[]"))
+    return sock.remote_port == forward.hostport and \
+        (wanted is None or wanted == _ip(sock.remote_addr))
+
+
+def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline):
+    """Watch the master while the channel is open: did the connection come back?
+
+    It came back through this tunnel when the master (our verified PID) holds
+    a new connection to the forward's target, or says it could not make one.
+    Returns "loop", "connecting" (target does not answer), "target refused",
+    "closed" (far end hung up with no sign either way) or "silent".
+    """
+    refused = "connect_to %s port %d: failed" % (forward.host.strip("[]"), forward.hostport)
+    seen, interval = None, 0.0005
+    while True:
+        for sock in tcp_sockets(socket_inodes(pid) - before):
+            if _is_target(sock, forward):
+                if sock.state != TCP_SYN_SENT:
+                    return "loop"
+                seen = sock
+        if refused in _log_since(tunnel, log_offset):
+            return "target refused"
+        left = deadline - time.monotonic()
+        if channel is None or left <= 0:
+            return "connecting" if seen else ("closed" if channel is None else "silent")
+        if select.select([channel.output], [], [], min(interval, left))[0]:
+            if not channel.output.recv(4096):
+                channel = None      # hung up: one last look at the master, then decide
+        interval = min(interval * 2, 0.01)
+
+
+def _refusal(tunnel, log_offset, error):
+    """Why the server refused a channel, in the master's words from its log."""
+    said = [l for l in _lines_said(_log_since(tunnel, log_offset)) if "open failed" in l]
+    return said[-1].split("open failed: ", 1)[1] if said else str(error)
+
+
+def _forbidden(reason):
+    return "prohibited" in reason
+
+
+def check_data_path(tunnel, forward, pid, tries=2):
+    """Prove a -R forward end to end: server listener -> this tunnel -> box target.
+
+    Returns (Verdict, fallback): fallback is True when the server would not
+    open the channel at all, so that `nc` may be asked instead.
+    """
+    name, address = "remote forward %d" % forward.port, check_address(forward)
+    where = "%s:%d" % (address, forward.port)
+    target = "%s:%d" % (forward.host, forward.hostport)
+    began = time.monotonic()
+    deadline = began + tunnel.check_timeout
+    log_offset = _log_size(tunnel)
+    for _ in range(tries):
+        before = socket_inodes(pid)
+        try:
+            with Channel(tunnel, address, forward.port, deadline) as channel:
+                outcome = _await_loop(tunnel, forward, pid, before, channel, log_offset,
+                                      deadline)
+        except MuxRefused as e:
+            reason = _refusal(tunnel, log_offset, e)
+            if _forbidden(reason):
+                return Verdict(name, UNKNOWN, "the server forbids a channel to %s (%s): "
+                               "see AllowTcpForwarding and permitopen" % (where, reason)), True
+            if "Connection refused" in reason:
+                return Verdict(name, DOWN, "no listener on the server at %s" % where), False
+            return Verdict(name, DOWN, "the server refused a channel to %s: %s"
+                           % (where, reason)), False
+        except MuxTimeout:
+            return Verdict(name, DOWN, "no answer within %gs: the connection is hung"
+                           % tunnel.check_timeout), False
+        except MuxVersionError as e:
+            return Verdict(name, UNKNOWN, "cannot open a channel: %s" % e), True
+        except (MuxError, OSError) as e:
+            return Verdict(name, DOWN, "control socket: %s" % _why(e)), False
+        if outcome != "closed":
+            break
+    return {
+        "loop": Verdict(name, UP, "data path %s -> box %s proven in %s"
+                        % (where, target, _ms(began))),
+        "target refused": Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box "
+                                  "refused the connection" % target),
+        "connecting": Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box does "
+                              "not answer" % target),
+        "closed": Verdict(name, UNKNOWN, "%s on the server hung up at once; cannot tell "
+                          "whether it is this tunnel's" % where),
+        "silent": Verdict(name, DOWN, "port %d on the server is held by another program: "
+                          "a connection to %s did not come back through this tunnel"
+                          % (forward.port, where)),
+    }[outcome], False
+
+
+def remote_nc_command(forward, timeout):
+    """Return the line the server's shell runs for the nc check.
+
+    nc's own words and status come between two markers, so that an answer
+    that is not nc's (a forced command, a chatty login shell) is recognised.
+    """
+    import shlex
+    nc = " ".join(shlex.quote(a) for a in remote_check_command(forward, timeout))
+    return "echo ctunnel-nc; %s 2>&1; echo ctunnel-nc=$?" % nc
+
+
+def check_remote_nc(tunnel, forward):
+    """Is there a listener on the server's end of a -R forward? (nc over the master)
+
+    Proves only that something listens there; used where the server forbids
+    channels, or when remote_check = nc.
     """
     name = "remote forward %d" % forward.port
-    argv = build_mux_argv(tunnel, *remote_check_command(forward, tunnel.check_timeout))
-    rc, err = _run(argv, tunnel.check_timeout)
+    command = remote_nc_command(forward, tunnel.check_timeout)
+    rc, out, err = _run(build_mux_argv(tunnel, command), tunnel.check_timeout)
     if rc is None:
-        return Verdict(name, DOWN, "check hung for %gs: the connection is dead"
+        return Verdict(name, DOWN, "nc check hung for %gs: the connection is dead"
                        % tunnel.check_timeout)
-    if rc == 0:
-        return Verdict(name, UP, "listening on server")
-    if rc == 1 and not re.search(r"usage|invalid|unrecognized|illegal", err, re.I):
-        return Verdict(name, DOWN, "no listener on server")
-    if rc == 124:
-        return Verdict(name, DOWN, "check timed out on the server")
-    if rc in (126, 127):
-        return Verdict(name, UNKNOWN, "cannot check: no nc on the server "
-                       "(install netcat-openbsd there)")
-    if re.search(r"refused by peer|open failed", err):
-        # the connection is alive: the server just will not run a command
+    m = re.search(r"^ctunnel-nc\n(.*?)^ctunnel-nc=(\d+)$", out, re.M | re.S)
+    if m:
+        said, status = m.group(1).strip(), int(m.group(2))
+        if status == 0:
+            return Verdict(name, UP, "listening on the server (nc)")
+        if re.search(r"usage|invalid option|unrecognized|illegal", said, re.I):
+            return Verdict(name, UNKNOWN, "the server's nc cannot do nc -z (BusyBox?): "
+                           "install netcat-openbsd there")
+        if status in (126, 127):
+            return Verdict(name, UNKNOWN, "no nc on the server (install netcat-openbsd there)")
+        if status == 1:
+            return Verdict(name, DOWN, "no listener on the server (nc)")
+        return Verdict(name, UNKNOWN, "nc on the server exited %d%s"
+                       % (status, ": " + _first_line(said) if said else ""))
+    if rc == 255 and re.search(r"refused by peer|open failed", err):
         return Verdict(name, UNKNOWN, "cannot check: the server refuses command sessions "
                        "(%s)" % _first_line(err))
     if rc == 255:
         return Verdict(name, DOWN, "ssh failed: %s" % (_first_line(err) or "exit 255"))
-    return Verdict(name, UNKNOWN, "cannot check: server answered exit %d%s"
-                   % (rc, ": " + _last_line(err) if err else ""))
+    said = _first_line(out) or _first_line(err)
+    return Verdict(name, UNKNOWN, "the server did not run nc (a forced command on the key?): "
+                   "exit %d%s" % (rc, ", said: " + said if said else ""))
+
+
+def check_remote_forward(tunnel, forward, pid):
+    """Check a -R forward the way remote_check says (auto: data path, nc if forbidden)."""
+    if tunnel.remote_check == "none":
+        return Verdict("remote forward %d" % forward.port, UP, "not checked (remote_check = none)")
+    if tunnel.remote_check == "nc":
+        return check_remote_nc(tunnel, forward)
+    verdict, fallback = check_data_path(tunnel, forward, pid)
+    if not (fallback and tunnel.remote_check == "auto"):
+        return verdict
+    nc = check_remote_nc(tunnel, forward)
+    if nc.state == UNKNOWN:
+        return verdict._replace(detail="%s; and nc: %s" % (verdict.detail, nc.detail))
+    return nc._replace(detail="%s; %s" % (nc.detail, verdict.detail.split(":")[0]))
+
+
+def check_local_forward(tunnel, forward, pid):
+    """Does this tunnel's ssh own the -L listener, and does the server reach the target?"""
+    name = "local forward %d" % forward.port
+    address = check_address(forward)
+    where = "%s:%d" % (address, forward.port)
+
+    def binds(sock):
+        return sock.state == TCP_LISTEN and sock.local_port == forward.port and \
+            sock.local_addr in (address, "0.0.0.0", "::")
+    if not any(binds(s) for s in tcp_sockets(socket_inodes(pid))):
+        if any(binds(s) for s in tcp_sockets(None)):
+            return Verdict(name, DOWN, "%s is held by another program" % where)
+        return Verdict(name, DOWN, "ssh does not listen on %s" % where)
+    if tunnel.remote_check in ("nc", "none"):
+        return Verdict(name, UP, "listening on %s" % where)
+    target = "%s:%d" % (forward.host, forward.hostport)
+    began, log_offset = time.monotonic(), _log_size(tunnel)
+    try:
+        Channel(tunnel, forward.host.strip("[]"), forward.hostport, _deadline(tunnel)).close()
+    except MuxRefused as e:
+        reason = _refusal(tunnel, log_offset, e)
+        if _forbidden(reason):
+            return Verdict(name, UNKNOWN, "listening on %s, but the server forbids channels to "
+                           "%s (%s): see permitopen" % (where, target, reason))
+        return Verdict(name, TARGET_DOWN, "the tunnel works, but the server cannot reach %s "
+                       "(%s)" % (target, reason))
+    except MuxTimeout:
+        return Verdict(name, DOWN, "no answer within %gs: the connection is hung"
+                       % tunnel.check_timeout)
+    except MuxVersionError:
+        return Verdict(name, UP, "listening on %s (old master: far end not checked)" % where)
+    except (MuxError, OSError) as e:
+        return Verdict(name, DOWN, "control socket: %s" % _why(e))
+    return Verdict(name, UP, "listening on %s; the server reaches %s in %s"
+                   % (where, target, _ms(began)))
 
 
 def run_ladder(tunnel, with_process=True):
@@ -727,15 +1244,19 @@ def run_ladder(tunnel, with_process=True):
     Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
     with_process=False starts at the master, for a tunnel just launched.
     """
-    steps = [lambda: check_process(tunnel)] if with_process else []
-    steps.append(lambda: check_master(tunnel))
-    steps += [lambda f=f: check_local_forward(tunnel, f)
-              for f in tunnel.forwards if f.kind == "L"]
-    steps += [lambda f=f: check_remote_forward(tunnel, f)
-              for f in tunnel.forwards if f.kind == "R"]
-    verdicts = []
-    for step in steps:
-        verdicts.append(step())
+    verdicts, expected = [], None
+    if with_process:
+        expected, verdict = check_process(tunnel)
+        verdicts.append(verdict)
+        if expected is None:
+            return verdicts
+    pid, verdict = check_master(tunnel, expected)
+    verdicts.append(verdict)
+    if pid is None:
+        return verdicts
+    for forward in sorted(tunnel.forwards, key=lambda f: f.kind):    # -L first
+        check = check_local_forward if forward.kind == "L" else check_remote_forward
+        verdicts.append(check(tunnel, forward, pid))
         if verdicts[-1].state == DOWN:
             break
     return verdicts
@@ -786,6 +1307,7 @@ def launch_tunnel(tunnel):
     ssh's output goes to NAME.log, a file rather than a pipe: a backgrounded
     ssh that kept a pipe open would hold this tick until it dies.
     """
+    import subprocess
     argv = build_launch_argv(tunnel)
     limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
     log_path = state_path(tunnel, "log")
@@ -805,9 +1327,9 @@ def launch_tunnel(tunnel):
         said = _last_line(f.read())
     if rc != 0:
         return None, explain_ssh_failure(said, rc)
-    pid, problem = query_master(tunnel)
-    if problem:
-        return None, "ssh started but %s" % problem
+    pid, verdict = check_master(tunnel)
+    if pid is None:
+        return None, "ssh started but %s" % verdict.detail
     write_pidfile(tunnel, pid)
     return pid, None
 
@@ -865,7 +1387,7 @@ def _tick_locked(tunnel, verbose):
         healthy, verdicts = _repair(tunnel, down, state, events, verbose)
         if not healthy:
             return Outcome(tunnel.name, False, events, verdicts)
-    _note_unknowns(tunnel, verdicts, state, events)
+    _note_warnings(tunnel, verdicts, state, events)
     return Outcome(tunnel.name, True, events, verdicts)
 
 
@@ -933,17 +1455,29 @@ def _record_failure(tunnel, state, first, reason, failure, now):
     return Event(LOG_ERR, "%s: %s: %s%s" % (tunnel.name, verb, failure, count), news)
 
 
-def _note_unknowns(tunnel, verdicts, state, events):
-    """Warn about checks that could not tell, once, not every minute."""
-    unknown = "; ".join("%s: %s" % (v.check, v.detail) for v in verdicts if v.state == UNKNOWN)
-    if unknown != state.get("unknown", ""):
-        if unknown:
-            events.append(Event(LOG_WARNING, "%s: %s (not restarting; warned once)"
-                                % (tunnel.name, unknown)))
-            state["unknown"] = unknown
-        else:
-            state.pop("unknown", None)
-        write_state(tunnel, state)
+def _note_warnings(tunnel, verdicts, state, events):
+    """Report UNKNOWN and TARGET_DOWN once when they start and once when they end.
+
+    Neither restarts the tunnel, and a cron mail every minute would say nothing new.
+    """
+    now = {v.check: [v.state, v.detail] for v in verdicts if v.state in (UNKNOWN, TARGET_DOWN)}
+    before = state.get("warnings")
+    before = before if isinstance(before, dict) else {}
+    if now == before:
+        return
+    for check, (verdict, detail) in sorted(now.items()):
+        if before.get(check) != [verdict, detail]:
+            why = "not restarting" if verdict == TARGET_DOWN else "cannot tell; not restarting"
+            events.append(Event(LOG_WARNING, "%s: %s: %s (%s)"
+                                % (tunnel.name, check, detail, why)))
+    for check, (verdict, _) in sorted(before.items()):
+        if check not in now:
+            back = "its target answers again" if verdict == TARGET_DOWN else "checked again"
+            events.append(Event(LOG_NOTICE, "%s: %s: %s" % (tunnel.name, check, back)))
+    state["warnings"] = now
+    if not now:
+        del state["warnings"]
+    write_state(tunnel, state)
 
 
 class Reporter:
@@ -953,17 +1487,15 @@ class Reporter:
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.syslog_path = syslog_path or os.environ.get(SYSLOG_ENV, SYSLOG_PATH)
-        self.lock = threading.Lock()
 
     def event(self, level, text, stderr=True):
         """Report one event: syslog, and stderr unless told not (or quiet and no error)."""
-        with self.lock:
-            if stderr and (not self.quiet or level <= LOG_ERR):
-                stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-                self.stream.write("%s ctunnel[%d]: %s\n" % (stamp, os.getpid(), text))
-                self.stream.flush()
-            if level < LOG_INFO:
-                self._syslog(level, text)
+        if stderr and (not self.quiet or level <= LOG_ERR):
+            stamp = time.strftime("%Y/%m/%d %H:%M:%S")
+            self.stream.write("%s ctunnel[%d]: %s\n" % (stamp, os.getpid(), text))
+            self.stream.flush()
+        if level < LOG_INFO:
+            self._syslog(level, text)
 
     def _syslog(self, level, text):
         # a datagram to /dev/log: the syslog module is missing on some
@@ -986,27 +1518,46 @@ class Reporter:
 # Commands
 # ---------------------------------------------------------------------------
 
-def cmd_check(tunnels, args, reporter):
-    """One tick: every tunnel checked and repaired concurrently."""
-    outcomes = {}
+def for_each(items, work):
+    """Return [work(item) for item in items], at most PARALLEL at a time.
 
-    def work(t):
-        try:
-            outcomes[t.name] = tick_tunnel(t, verbose=args.verbose)
-        except OSError as e:      # e.g. state_dir removed or full: say so, in one line
-            outcomes[t.name] = Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))],
-                                       [])
+    Tunnels are checked side by side so that one silent server cannot hold
+    up the rest; one tunnel needs no thread at all.
+    """
+    if len(items) < 2:
+        return [work(item) for item in items]
+    import threading
+    results, queue = [None] * len(items), list(enumerate(items))
+    lock = threading.Lock()
 
-    threads = [threading.Thread(target=work, args=(t,)) for t in tunnels]
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                index, item = queue.pop()
+            results[index] = work(item)
+    threads = [threading.Thread(target=worker) for _ in range(min(PARALLEL, len(items)))]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    return results
+
+
+def cmd_check(tunnels, args, reporter):
+    """One tick: every tunnel checked and repaired, side by side."""
+    def work(t):
+        try:
+            return tick_tunnel(t, verbose=args.verbose)
+        except OSError as e:      # e.g. state_dir removed or full: say so, in one line
+            return Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))], [])
+
     healthy = True
-    for t in tunnels:
-        for event in outcomes[t.name].events:
+    for outcome in for_each(tunnels, work):
+        for event in outcome.events:
             reporter.event(event.level, event.text, event.stderr or args.verbose)
-        healthy = healthy and outcomes[t.name].healthy
+        healthy = healthy and outcome.healthy
     return EXIT_OK if healthy else EXIT_DOWN
 
 
@@ -1032,7 +1583,7 @@ def describe_tunnel(tunnel):
 
 
 def cmd_status(tunnels, args, out):
-    records = [describe_tunnel(t) for t in tunnels]
+    records = for_each(tunnels, describe_tunnel)
     if args.json:
         out.write(json.dumps({"tunnels": records}, indent=2) + "\n")
     else:
@@ -1088,13 +1639,15 @@ def cmd_stop(tunnels, args, reporter):
 
 def cmd_dry_run(tunnels, out):
     for t in tunnels:
-        out.write("# %s: check, then launch if a check fails\n" % t.name)
-        out.write(quote_argv(build_mux_argv(t, "-O", "check")) + "\n")
+        out.write("# %s: checks over the control socket %s (no program run)\n"
+                  % (t.name, state_path(t, "ctl")))
         for f in t.forwards:
-            if f.kind == "R":
-                out.write(quote_argv(build_mux_argv(
-                    t, *remote_check_command(f, t.check_timeout))) + "\n")
-        out.write(quote_argv(build_launch_argv(t)) + "\n")
+            if f.kind == "R" and t.remote_check in ("auto", "nc"):
+                out.write("# %s%s\n" % ("if the server forbids channels: " if
+                                        t.remote_check == "auto" else "",
+                                        quote_argv(build_mux_argv(
+                                            t, remote_nc_command(f, t.check_timeout)))))
+        out.write("# if a check fails:\n" + quote_argv(build_launch_argv(t)) + "\n")
     return EXIT_OK
 
 

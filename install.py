@@ -44,6 +44,7 @@ DEFAULT_KEY = "~/.ssh/ctunnel_ed25519"
 DEFAULT_REMOTE_PORT = "1122"
 DEFAULT_TARGET = "127.0.0.1:22"
 CRON_COMMENT = "# ctunnel: check the SSH tunnels every minute (added by install.py)"
+PORT_CHECK_TIMEOUT = 3    # seconds a free port takes to refuse at most
 SSH_TIMEOUT = 20          # seconds for one non-interactive ssh to the server
 LOOPBACK_BINDS = ("", "localhost", "127.0.0.1", "[::1]")
 
@@ -388,16 +389,26 @@ def prove_login(plan):
 
 
 def check_server(plan, asker):
-    """Warn about what would weaken the tunnel: no nc, a reverse port in use."""
-    status, _ = ssh_run(plan, "command", "-v", "nc")
-    if status != 0:
-        asker.say("Warning: no nc on the server. ctunnel still restarts ssh when it dies or "
-                  "hangs, but cannot see a reverse forward that died while ssh lives. "
-                  "Install it there: apt install netcat-openbsd")
-        return
+    """Warn about a reverse port that something on the server holds already.
+
+    Asks the server for a channel to the port, as ctunnel's own check does
+    (ssh -W): refused means it is free; a connection means it is taken.
+    """
     for spec in plan.remote:
         fwd = ctunnel.parse_forward(spec)
-        status, _ = ssh_run(plan, *ctunnel.remote_check_command(fwd, 4))
+        argv = ssh_base(plan) + ["-W", "%s:%d" % (ctunnel.check_address(fwd), fwd.port),
+                                 "--", plan.host]
+        try:
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True, timeout=PORT_CHECK_TIMEOUT)
+            status, said = done.returncode, done.stderr
+        except subprocess.TimeoutExpired:
+            status, said = 0, ""           # something took the connection and held it
+        if "prohibited" in said:
+            asker.say("Note: the server forbids ctunnel's data-path check (AllowTcpForwarding "
+                      "or permitopen); it will ask nc on the server instead, so install "
+                      "netcat-openbsd there.")
+            return
         if status == 0:
             asker.say("Warning: port %d on the server is in use already (an earlier tunnel "
                       "of this box? another program?). The tunnel cannot start while it is."
@@ -535,13 +546,15 @@ def server_advice(plan):
                 "  Why: %s must listen on more than the server's loopback."
                 % ", ".join(f.spec for f in wide)]
     options = ["restrict", "port-forwarding"]
-    options += ['permitlisten="%s:%d"' % (f.bind or "localhost", f.port) for f in remote]
-    options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
+    options += ['permitlisten="%s:%d"' % (f.bind or ctunnel.DEFAULT_BIND, f.port) for f in remote]
+    if local:   # once any permitopen is given, the data-path check needs its own
+        options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
+        options += ['permitopen="%s:%d"' % (ctunnel.check_address(f), f.port) for f in remote]
     with open(plan.key + ".pub") as f:
         key = f.read().strip()
     out += ["", "In ~%s/.ssh/authorized_keys on the server, make the key's line:" % plan.user,
             "    %s %s" % (",".join(options), key),
-            "  Allows: %s; commands without a terminal (ctunnel's nc check)." % _allowed(
+            "  Allows: %s; ctunnel's data-path check; commands without a terminal." % _allowed(
                 remote, local),
             "  Forbids: a terminal, agent and X11 forwarding, ~/.ssh/rc%s." %
             (", listening on any other port" if remote else "")]

@@ -70,6 +70,8 @@ BAD_CONFIGS = [
     ("bad timeout", "[pi]\n{good}check_timeout = soon\n", ["check_timeout", "positive"]),
     ("nan timeout", "[pi]\n{good}check_timeout = nan\n", ["check_timeout"]),
     ("bad interval", "[pi]\n{good}server_alive_interval = 0\n", ["server_alive_interval"]),
+    ("bad remote_check", "[pi]\n{good}remote_check = maybe\n",
+     ["remote_check", '"maybe" is not one of auto, channel, nc, none']),
     ("no ssh", "[pi]\n{good}ssh = /nonexistent/ssh\n", ['ssh "/nonexistent/ssh" not found']),
     ("state_dir under a file", "[pi]\n{good|state_dir=/etc/hostname/sub}",
      ['state_dir "/etc/hostname/sub" cannot be created']),
@@ -222,7 +224,7 @@ def make_tunnel(tmp_path, **over):
     base = dict(name="pi", host="vps", user="", port=None, identity_file="", ssh_config="",
                 forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),), ssh_options=(),
                 ssh="/usr/bin/ssh", alive_interval=10, alive_count=3, check_timeout=5.0,
-                state_dir=str(tmp_path))
+                remote_check="auto", state_dir=str(tmp_path))
     base.update(over)
     return ctunnel.Tunnel(**base)
 
@@ -238,8 +240,9 @@ def test_launch_argv_keeps_our_options_first_and_never_a_shell(tmp_path):
     assert argv.index("ExitOnForwardFailure=yes") < argv.index("ExitOnForwardFailure=no")
     assert "BatchMode=yes" in argv and "StrictHostKeyChecking=no" not in argv
     assert argv[-2:] == ["--", "vps"]
-    assert ["-R", "1122:127.0.0.1:22"] == argv[argv.index("-R"):argv.index("-R") + 2]
-    assert ["-L", "8080:127.0.0.1:80"] == argv[argv.index("-L"):argv.index("-L") + 2]
+    # a forward without a bind address is sent with 127.0.0.1, never "localhost"
+    assert ["-R", "127.0.0.1:1122:127.0.0.1:22"] == argv[argv.index("-R"):argv.index("-R") + 2]
+    assert ["-L", "127.0.0.1:8080:127.0.0.1:80"] == argv[argv.index("-L"):argv.index("-L") + 2]
     assert ["-p", "2222", "-l", "pi"] == argv[argv.index("-p"):argv.index("-p") + 4]
 
 
@@ -250,7 +253,25 @@ def test_mux_argv_cannot_fall_back_to_a_new_connection(tmp_path):
     assert argv[argv.index("-S") + 1] == str(tmp_path / "pi.ctl")
     assert argv[-6:] == ["--", "vps", "nc", "-z", "127.0.0.1", "1122"]
     assert ctunnel.remote_check_command(t.forwards[0], t.check_timeout) == \
-        ["nc", "-z", "-w", "4", "127.0.0.1", "1122"]
+        ["nc", "-z", "-w", "4", "--", "127.0.0.1", "1122"]
+
+
+@pytest.mark.parametrize("spec,arg", [
+    ("1122:127.0.0.1:22", "127.0.0.1:1122:127.0.0.1:22"),
+    ("*:8080:cam.lan:80", "*:8080:cam.lan:80"),
+    ("localhost:1122:h:22", "localhost:1122:h:22"),          # said by the user: kept
+    ("[::1]:2222:[fe80::1]:22", "[::1]:2222:[fe80::1]:22"),
+])
+def test_forward_arg_always_names_a_bind_address(spec, arg):
+    assert ctunnel.forward_arg(ctunnel.parse_forward(spec)) == arg
+
+
+def test_nc_fallback_is_quoted_for_the_servers_shell():
+    fwd = ctunnel.parse_forward("*:1122:h:22")
+    assert ctunnel.remote_nc_command(fwd, 5) == \
+        "echo ctunnel-nc; nc -z -w 4 -- 127.0.0.1 1122 2>&1; echo ctunnel-nc=$?"
+    fwd = ctunnel.parse_forward("[::1]:1122:h:22")
+    assert "-- ::1 1122 2>&1" in ctunnel.remote_nc_command(fwd, 5)
 
 
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path, keyfile):
@@ -259,10 +280,13 @@ def test_dry_run_prints_commands_and_runs_nothing(tmp_path, keyfile):
     result = run("-c", str(conf), "-n")
     assert result.returncode == 0 and result.stderr == ""
     lines = result.stdout.splitlines()
-    assert lines[0] == "# pi: check, then launch if a check fails"
-    assert "-O check" in lines[1]
-    assert lines[2].endswith("-- example.invalid nc -z -w 4 127.0.0.1 1122")
-    assert "ExitOnForwardFailure=yes" in lines[3]
+    assert lines[0] == "# pi: checks over the control socket %s (no program run)" \
+        % (tmp_path / "st" / "pi.ctl")
+    assert lines[1].startswith("# if the server forbids channels: ")
+    assert lines[1].endswith("-- example.invalid 'echo ctunnel-nc; nc -z -w 4 -- 127.0.0.1 1122 "
+                             "2>&1; echo ctunnel-nc=$?'")
+    assert lines[2] == "# if a check fails:"
+    assert "ExitOnForwardFailure=yes" in lines[3] and len(lines) == 4
     assert not os.path.exists(str(tmp_path / "st" / "pi.pid"))
     assert not os.path.exists(str(tmp_path / "st" / "pi.log"))
 
@@ -308,9 +332,9 @@ def test_example_config_is_valid(tmp_path):
     example = os.path.join(os.path.dirname(CTUNNEL), "rstunnel.conf.example")
     result = run("-c", example, "-n", env=dict(os.environ, HOME=str(tmp_path)))
     assert result.returncode == 0, result.stderr
-    assert result.stdout.count("# ") == 2          # the two tunnels
-    assert "-R 8080:192.168.1.20:80 -R 8554:192.168.1.20:554 -L 1883:127.0.0.1:1883" \
-        in result.stdout
+    assert result.stdout.count("checks over the control socket") == 2    # the two tunnels
+    assert "-R 127.0.0.1:8080:192.168.1.20:80 -R 127.0.0.1:8554:192.168.1.20:554 " \
+        "-L 127.0.0.1:1883:127.0.0.1:1883" in result.stdout
     assert "-p 2222" in result.stdout
 
 

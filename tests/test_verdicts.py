@@ -1,12 +1,16 @@
-"""The remote check's exit-status table, with a fake ssh (pure logic).
+"""Pure logic: the control-socket protocol and the nc fallback's verdict table.
 
-Each row is what the mux client exits with and says on stderr; the real
-cases are proven end to end in test_tick.py, these cover the rest.
+The protocol is spoken to a scripted fake master on a Unix socket (every
+reply type, garbage, silence); the nc table uses a fake ssh. The real cases
+are proven end to end against a real sshd in test_tick.py and test_datapath.py.
 """
 
 import os
+import socket
 import stat
 import sys
+import threading
+import time
 
 import pytest
 
@@ -15,6 +19,7 @@ from test_config import ctunnel, make_tunnel
 FAKE_SSH = """#!/bin/sh
 # exits and speaks as told by the files beside it
 [ -f "$0.sleep" ] && sleep "$(cat "$0.sleep")"
+cat "$0.stdout"
 cat "$0.stderr" >&2
 exit "$(cat "$0.rc")"
 """
@@ -26,8 +31,9 @@ def fake_ssh(tmp_path):
     path.write_text(FAKE_SSH)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
 
-    def behave(rc, stderr="", sleep=None):
+    def behave(rc, stdout="", stderr="", sleep=None):
         (tmp_path / "ssh.rc").write_text(str(rc))
+        (tmp_path / "ssh.stdout").write_text(stdout)
         (tmp_path / "ssh.stderr").write_text(stderr)
         if sleep:
             (tmp_path / "ssh.sleep").write_text(str(sleep))
@@ -35,45 +41,222 @@ def fake_ssh(tmp_path):
     return behave
 
 
-@pytest.mark.parametrize("rc,stderr,state,detail", [
-    (0, "", "UP", "listening on server"),
-    (1, "", "DOWN", "no listener on server"),
-    (124, "", "DOWN", "check timed out on the server"),
-    (127, "sh: 1: nc: not found", "UNKNOWN", "cannot check: no nc on the server"),
-    (126, "nc: Permission denied", "UNKNOWN", "cannot check: no nc on the server"),
-    (255, "mux_client_request_session: session request failed", "DOWN",
+def nc_said(words, status):
+    return "motd of a chatty shell\nctunnel-nc\n%sctunnel-nc=%d\n" % (words, status)
+
+
+@pytest.mark.parametrize("rc,stdout,stderr,state,detail", [
+    (0, nc_said("", 0), "", "UP", "listening on the server (nc)"),
+    (0, nc_said("", 1), "", "DOWN", "no listener on the server (nc)"),
+    (0, nc_said("sh: 1: nc: not found\n", 127), "", "UNKNOWN", "no nc on the server"),
+    (0, nc_said("nc: Permission denied\n", 126), "", "UNKNOWN", "no nc on the server"),
+    # BusyBox's nc has no -z: it prints its usage and exits 1, which is not "closed"
+    (0, nc_said("nc: invalid option -- 'z'\nUsage: nc [OPTIONS] HOST PORT\n", 1), "",
+     "UNKNOWN", "the server's nc cannot do nc -z (BusyBox?)"),
+    (0, nc_said("", 2), "", "UNKNOWN", "nc on the server exited 2"),
+    # a forced command ran instead of our line: its exit status means nothing
+    (1, "", "", "UNKNOWN", "the server did not run nc (a forced command on the key?): exit 1"),
+    (0, "hello from echo\n", "", "UNKNOWN", "the server did not run nc (a forced command on the "
+     "key?): exit 0, said: hello from echo"),
+    (255, "", "mux_client_request_session: session request failed", "DOWN",
      "ssh failed: mux_client_request_session: session request failed"),
-    (255, "channel 1: open failed: administratively prohibited", "UNKNOWN",
+    (255, "", "channel 1: open failed: administratively prohibited", "UNKNOWN",
      "cannot check: the server refuses command sessions (channel 1: open failed"),
-    (255, "Control socket connect(/x/pi.ctl): Connection refused\n"
-          "kex_exchange_identification: Connection closed by remote host\n"
-          "Connection closed by UNKNOWN port 65535", "DOWN",
+    (255, "", "Control socket connect(/x/pi.ctl): Connection refused\n"
+              "kex_exchange_identification: Connection closed by remote host", "DOWN",
      "ssh failed: Control socket connect(/x/pi.ctl): Connection refused"),
-    (1, "nc: invalid option -- 'z'\nusage: nc [OPTIONS] HOST PORT", "UNKNOWN",
-     "cannot check: server answered exit 1: usage: nc [OPTIONS] HOST PORT"),
-    (2, "", "UNKNOWN", "cannot check: server answered exit 2"),
 ])
-def test_remote_check_exit_statuses(fake_ssh, rc, stderr, state, detail):
-    tunnel = fake_ssh(rc, stderr)
-    verdict = ctunnel.check_remote_forward(tunnel, tunnel.forwards[0])
+def test_nc_fallback_verdicts(fake_ssh, rc, stdout, stderr, state, detail):
+    tunnel = fake_ssh(rc, stdout, stderr)
+    verdict = ctunnel.check_remote_nc(tunnel, tunnel.forwards[0])
     assert verdict.state == state
     assert verdict.detail.startswith(detail), verdict.detail
 
 
-def test_remote_check_that_hangs_is_down_after_check_timeout(fake_ssh):
+def test_nc_check_that_hangs_is_down_after_check_timeout(fake_ssh):
     tunnel = fake_ssh(0, sleep=5)
-    verdict = ctunnel.check_remote_forward(tunnel, tunnel.forwards[0])
+    began = time.monotonic()
+    verdict = ctunnel.check_remote_nc(tunnel, tunnel.forwards[0])
     assert (verdict.state, verdict.detail) == ("DOWN",
-                                               "check hung for 1s: the connection is dead")
+                                               "nc check hung for 1s: the connection is dead")
+    assert time.monotonic() - began < 3
 
 
-def test_master_check_verdicts(fake_ssh):
-    up = fake_ssh(0, "Master running (pid=4242)\n")
-    assert ctunnel.check_master(up) == ctunnel.Verdict("master", "UP", "pid 4242")
-    gone = fake_ssh(255, "Control socket connect(/x/pi.ctl): No such file or directory\n")
-    assert ctunnel.check_master(gone) == ctunnel.Verdict(
-        "master", "DOWN", "control master: Control socket connect(/x/pi.ctl): "
-                          "No such file or directory")
+def test_a_server_that_talks_without_end_is_read_with_a_cap(tmp_path):
+    talker = tmp_path / "talker"
+    talker.write_text("#!/bin/sh\nhead -c 50000000 /dev/zero\nhead -c 50000000 /dev/zero >&2\n")
+    talker.chmod(0o755)
+    status, out, err = ctunnel._run([str(talker)], 30)
+    assert status == 0
+    assert len(out) == len(err) == ctunnel.OUTPUT_MAX
+
+
+# --- the control-socket protocol --------------------------------------------
+
+def test_packet_encoding():
+    assert ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4) == bytes.fromhex(
+        "00000008" "00000001" "00000004")
+    assert ctunnel.mux_packet(ctunnel.MUX_C_NEW_STDIO_FWD, 7, "", "127.0.0.1", 1122) == \
+        bytes.fromhex("0000001d" "10000008" "00000007" "00000000" "00000009") + \
+        b"127.0.0.1" + bytes.fromhex("00000462")
+
+
+def test_field_decoding():
+    body = bytes.fromhex("00000007" "00000003") + b"abc" + b"extension bytes"
+    assert ctunnel.mux_fields(body, "Is") == [7, "abc"]
+    for short in (b"", b"\0\0\0", bytes.fromhex("00000007" "00000009") + b"abc"):
+        with pytest.raises(ctunnel.MuxError):
+            ctunnel.mux_fields(short, "Is")
+
+
+class FakeMaster:
+    """A control socket that answers by a script: a list of raw byte strings."""
+
+    def __init__(self, path, script):
+        self.sock = socket.socket(socket.AF_UNIX)
+        self.sock.bind(path)
+        self.sock.listen(4)
+        self.script = script
+        self.received = b""
+        self.fds = []
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self):
+        conn, _ = self.sock.accept()
+        with conn:
+            for step in self.script:
+                if step == "packet":             # one whole request
+                    size = int.from_bytes(self._exactly(conn, 4), "big")
+                    self.received += self._exactly(conn, size)
+                elif step == "fd":               # one byte carrying a descriptor
+                    data, ancdata, _, _ = conn.recvmsg(1, socket.CMSG_SPACE(4))
+                    for _, _, raw in ancdata:
+                        self.fds.append(int.from_bytes(raw[:4], sys.byteorder))
+                        os.close(self.fds[-1])
+                elif step == "hang":
+                    time.sleep(5)
+                elif step == "close":
+                    return
+                else:
+                    conn.sendall(step)
+            try:
+                while conn.recv(4096):           # let the client finish: no reset
+                    pass
+            except OSError:                      # it gave up first
+                pass
+
+    @staticmethod
+    def _exactly(conn, size):
+        data = b""
+        while len(data) < size:
+            chunk = conn.recv(size - len(data))
+            if not chunk:
+                raise EOFError
+            data += chunk
+        return data
+
+    def close(self):
+        self.sock.close()
+
+
+HELLO = ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4)
+
+
+@pytest.fixture
+def master(tmp_path):
+    masters = []
+
+    def make(*script):
+        tunnel = make_tunnel(tmp_path, check_timeout=1.0)
+        masters.append(FakeMaster(str(tmp_path / "pi.ctl"), script))
+        return tunnel
+    yield make
+    for m in masters:
+        m.close()
+
+
+def alive_reply(request_id, pid):
+    return ctunnel.mux_packet(ctunnel.MUX_S_ALIVE, request_id, pid)
+
+
+@pytest.mark.parametrize("script,state,detail", [
+    ([HELLO, "packet", "packet", alive_reply(1, 4242)], "UP", "pid 4242"),
+    ([HELLO, "packet", "packet", alive_reply(2, 4242)], "DOWN",
+     "control socket: control master answered request 2, not 1"),
+    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_FAILURE, 1, "no")], "DOWN",
+     "control socket: no"),
+    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_PERMISSION_DENIED, 1, "go away")],
+     "DOWN", "control socket: go away"),
+    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_SESSION_OPENED, 1, 3)], "DOWN",
+     "control socket: control master sent 0x80000006 to an alive check"),
+    ([ctunnel.mux_packet(ctunnel.MUX_S_ALIVE, 1, 2)], "DOWN",
+     "control socket: control master sent message 0x80000005 instead of hello"),
+    ([b"\xff\xff\xff\xff garbage"], "DOWN",
+     "control socket: control master sent a packet of 4294967295 bytes"),
+    ([b"\0\0\0\1x"], "DOWN", "control socket: control master sent a packet of 1 bytes"),
+    ([HELLO, "packet", "packet", b"\0\0\0\x08\x80\0\0\x05", "close"], "DOWN",
+     "control socket: control master closed the connection"),
+    (["close"], "DOWN", "control socket: control master closed the connection"),
+    (["hang"], "DOWN", "control master did not answer within 1s: hung"),
+    ([HELLO, "packet", "packet", "hang"], "DOWN", "control master did not answer within 1s: hung"),
+])
+def test_master_check_reads_every_reply_correctly_and_in_bounded_time(master, script, state,
+                                                                      detail):
+    tunnel = master(*script)
+    began = time.monotonic()
+    pid, verdict = ctunnel.check_master(tunnel)
+    assert time.monotonic() - began < 2.5
+    assert (verdict.check, verdict.state, verdict.detail) == ("master", state, detail)
+    assert pid == (4242 if state == "UP" else None)
+
+
+def test_master_check_wants_the_pidfiles_pid(master):
+    tunnel = master(HELLO, "packet", "packet", alive_reply(1, 4242))
+    pid, verdict = ctunnel.check_master(tunnel, expected=4343)
+    assert pid is None and verdict.detail == \
+        "control socket answers for pid 4242, not the pidfile's 4343"
+
+
+def test_no_control_socket(tmp_path):
+    pid, verdict = ctunnel.check_master(make_tunnel(tmp_path))
+    assert verdict.detail == "control socket: No such file or directory"
+
+
+def test_an_older_protocol_falls_back_to_ssh_dash_o_check(tmp_path, fake_ssh):
+    tunnel = fake_ssh(0, stderr="Master running (pid=4242)\n")
+    FakeMaster(str(tmp_path / "pi.ctl"), [ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 3)])
+    pid, verdict = ctunnel.check_master(tunnel)
+    assert (pid, verdict.state) == (4242, "UP")
+
+
+def test_stdio_forward_request_passes_two_descriptors(tmp_path):
+    tunnel = make_tunnel(tmp_path)
+    fake = FakeMaster(str(tmp_path / "pi.ctl"), [
+        HELLO, "packet", "packet", "fd", "fd",
+        ctunnel.mux_packet(ctunnel.MUX_S_SESSION_OPENED, 1, 9)])
+    try:
+        with ctunnel.MuxClient(ctunnel.state_path(tunnel, "ctl"), time.monotonic() + 2) as mux:
+            read_end, write_end = os.pipe()
+            try:
+                mux.open_stdio("127.0.0.1", 1122, read_end, write_end)
+            finally:
+                os.close(read_end)
+                os.close(write_end)
+        fake.thread.join(5)
+        assert fake.received == ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4)[4:] + \
+            ctunnel.mux_packet(ctunnel.MUX_C_NEW_STDIO_FWD, 1, "", "127.0.0.1", 1122)[4:]
+        assert len(fake.fds) == 2
+    finally:
+        fake.close()
+
+
+def test_refused_channel_raises_with_the_masters_reason(master, tmp_path):
+    master(HELLO, "packet", "packet", "fd", "fd",
+           ctunnel.mux_packet(ctunnel.MUX_S_FAILURE, 1, "Session open refused by peer"))
+    with ctunnel.MuxClient(str(tmp_path / "pi.ctl"), time.monotonic() + 2) as mux:
+        with pytest.raises(ctunnel.MuxRefused, match="Session open refused by peer"):
+            mux.open_stdio("127.0.0.1", 1122, 0, 1)
 
 
 @pytest.mark.parametrize("said,hint", [
