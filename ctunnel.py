@@ -768,7 +768,7 @@ TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
 
 
 def tcp_sockets(inodes):
-    """Return the TcpSocket of each inode in /proc/net/tcp and tcp6."""
+    """Return the TcpSocket of each inode in /proc/net/tcp and tcp6 (None: all)."""
     found = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -778,7 +778,8 @@ def tcp_sockets(inodes):
             continue
         for line in lines:
             fields = line.split()
-            if len(fields) > 9 and fields[9].isdigit() and int(fields[9]) in inodes:
+            if len(fields) > 9 and fields[9].isdigit() and \
+                    (inodes is None or int(fields[9]) in inodes):
                 local, remote = fields[1].split(":"), fields[2].split(":")
                 found.append(TcpSocket(int(fields[9]), _proc_address(local[0]),
                                        int(local[1], 16), _proc_address(remote[0]),
@@ -1198,7 +1199,7 @@ def check_remote_forward(tunnel, forward, pid):
     nc = check_remote_nc(tunnel, forward)
     if nc.state == UNKNOWN:
         return verdict._replace(detail="%s; and nc: %s" % (verdict.detail, nc.detail))
-    return nc._replace(detail="%s; %s" % (nc.detail, verdict.detail.split(":")[0]))
+    return nc._replace(detail="%s, since %s" % (nc.detail, verdict.detail))
 
 
 def check_local_forward(tunnel, forward, pid):
@@ -1324,7 +1325,7 @@ def launch_tunnel(tunnel):
             proc.wait()
             return None, "ssh did not connect within %gs" % limit
     with open(log_path, errors="replace") as f:
-        said = _last_line(f.read())
+        said = _lines_said(f.read()[-8192:])
     if rc != 0:
         return None, explain_ssh_failure(said, rc)
     pid, verdict = check_master(tunnel)
@@ -1334,9 +1335,14 @@ def launch_tunnel(tunnel):
     return pid, None
 
 
-def explain_ssh_failure(said, rc):
-    """Turn what a failed `ssh -f` printed into one line with a hint."""
-    said = said or "ssh exited %d without a message" % rc
+def explain_ssh_failure(lines, rc):
+    """Turn what a failed `ssh -f` printed (its lines) into one line with a hint."""
+    if isinstance(lines, str):
+        lines = [lines] if lines else []
+    said = lines[-1] if lines else "ssh exited %d without a message" % rc
+    bind = [l for l in lines if l.startswith("bind ")]
+    if said.startswith("Could not request local forwarding") and bind:
+        said = "%s: %s" % (said.rstrip("."), bind[-1])
     hints = (
         ("remote port forwarding failed", "the server still holds the port: a stale "
          "session (set ClientAliveInterval on the server) or another program"),
@@ -1552,6 +1558,9 @@ def cmd_check(tunnels, args, reporter):
             return tick_tunnel(t, verbose=args.verbose)
         except OSError as e:      # e.g. state_dir removed or full: say so, in one line
             return Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))], [])
+        except Exception as e:    # a bug must cost one tunnel one line, not the whole tick
+            return Outcome(t.name, False, [Event(LOG_ERR, "%s: internal error: %s: %s"
+                                                 % (t.name, e.__class__.__name__, e))], [])
 
     healthy = True
     for outcome in for_each(tunnels, work):

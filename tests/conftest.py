@@ -105,14 +105,14 @@ def end_pids(pids):
 
 
 def connect_read(port, timeout=5.0):
-    """Connect to 127.0.0.1:port and return what arrives until EOF."""
+    """Connect to 127.0.0.1:port and return what arrives up to a newline or EOF."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
         chunks = []
         while True:
             data = s.recv(4096)
-            if not data:
-                return b"".join(chunks)
             chunks.append(data)
+            if not data or data.endswith(b"\n"):
+                return b"".join(chunks)
 
 
 def port_accepts(port):
@@ -208,6 +208,75 @@ class SshServer:
         self.log_file.close()
 
 
+class ThrowawayUser:
+    """A system user made for one test, with its home in a temp dir; removed after."""
+
+    def __init__(self, home):
+        self.name = "ct%d%d" % (os.getpid() % 10000, int(time.monotonic() * 1000) % 100000)
+        subprocess.run(["useradd", "-M", "-d", home, "-s", "/bin/sh", self.name], check=True,
+                       stdin=subprocess.DEVNULL)
+        os.makedirs(home, exist_ok=True)
+        self.home = home
+        import pwd
+        entry = pwd.getpwnam(self.name)
+        self.uid, self.gid = entry.pw_uid, entry.pw_gid
+        os.chown(home, self.uid, self.gid)
+        os.chmod(home, 0o755)
+
+    def remove(self):
+        subprocess.run(["userdel", self.name], stdin=subprocess.DEVNULL,
+                       capture_output=True)
+
+
+class DropbearServer:
+    """A real Dropbear server on 127.0.0.1:<free port>; logins as a throwaway user."""
+
+    def __init__(self, directory, extra=()):
+        self.dir = directory
+        self.port = free_port()
+        self.account = ThrowawayUser(os.path.join(directory, "home"))
+        self.user = self.account.name
+        self.host_key = os.path.join(directory, "host_ed25519.dropbear")
+        self.user_key = os.path.join(directory, "user_ed25519")
+        self.known_hosts = os.path.join(directory, "known_hosts")
+        self.ssh_config = os.path.join(directory, "ssh_config")
+        self.log = os.path.join(directory, "dropbear.log")
+        subprocess.run(["dropbearkey", "-t", "ed25519", "-f", self.host_key], check=True,
+                       capture_output=True, stdin=subprocess.DEVNULL)
+        public = subprocess.run(["dropbearkey", "-y", "-f", self.host_key], check=True,
+                                capture_output=True, text=True).stdout
+        key_line = next(l for l in public.splitlines() if l.startswith("ssh-"))
+        with open(self.known_hosts, "w") as f:
+            f.write("[127.0.0.1]:%d %s\n" % (self.port, " ".join(key_line.split()[:2])))
+        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", self.user_key],
+                       check=True, stdin=subprocess.DEVNULL)
+        dot_ssh = os.path.join(self.account.home, ".ssh")
+        os.makedirs(dot_ssh, mode=0o700)
+        with open(self.user_key + ".pub") as src, \
+                open(os.path.join(dot_ssh, "authorized_keys"), "w") as dst:
+            dst.write(src.read())
+        for path in (dot_ssh, os.path.join(dot_ssh, "authorized_keys")):
+            os.chown(path, self.account.uid, self.account.gid)
+        with open(self.ssh_config, "w") as f:
+            f.write("Host *\n  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
+                    % self.known_hosts)
+        self.log_file = open(self.log, "w")
+        self.proc = subprocess.Popen(
+            ["dropbear", "-F", "-E", "-s", "-p", "127.0.0.1:%d" % self.port, "-r", self.host_key,
+             "-P", os.path.join(directory, "dropbear.pid")] + list(extra),
+            stdin=subprocess.DEVNULL, stderr=self.log_file)
+        wait_for(self._ready, what="dropbear on port %d" % self.port)
+
+    _ready = SshServer._ready
+
+    def stop(self):
+        end_pids(descendants(self.proc.pid))
+        self.proc.kill()
+        self.proc.wait()
+        self.log_file.close()
+        self.account.remove()
+
+
 @pytest.fixture(scope="session")
 def sshd(tmp_path_factory):
     server = SshServer(str(tmp_path_factory.mktemp("sshd")))
@@ -226,10 +295,15 @@ def sshd_without_nc(tmp_path_factory):
 # --- local services ---------------------------------------------------------
 
 class Service:
-    """A TCP service on 127.0.0.1 that greets each client (or stays silent)."""
+    """A TCP service on 127.0.0.1 that greets each client (or stays silent).
 
-    def __init__(self, greeting=None):
+    Like sshd, it then keeps the connection until the client leaves (or
+    hang_up: it closes at once after the greeting).
+    """
+
+    def __init__(self, greeting=None, hang_up=False):
         self.greeting = greeting
+        self.hang_up = hang_up
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
@@ -245,11 +319,15 @@ class Service:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
-            if self.greeting is None:
-                self.held.append(conn)     # accept and say nothing, forever
-            else:
-                conn.sendall(self.greeting)
+            if self.greeting is not None:
+                try:
+                    conn.sendall(self.greeting)
+                except OSError:
+                    pass
+            if self.hang_up:
                 conn.close()
+            else:
+                self.held = [c for c in self.held if c.fileno() != -1][-64:] + [conn]
 
     def close(self):
         self.sock.close()
