@@ -1,30 +1,30 @@
 #!/usr/bin/env python3
-"""Measure what a healthy ctunnel tick costs: time, CPU, programs, bytes.
+"""Measure what a healthy tick costs, against the checks it replaces.
 
-usage: python3 bench/bench_tick.py [--ticks N] [--tunnels K] [--json FILE]
+usage: python3 bench/bench_tick.py [--ticks N] [--tunnels 1,10,100] [--json FILE]
 
-Starts its own sshd on 127.0.0.1 (the test harness's), K tunnels with one
-reverse forward each, and a byte-counting relay between the ssh clients and
-sshd. Then it runs N healthy ticks and reports, per tick:
+Starts its own sshd on 127.0.0.1 (the test harness's) in a PID namespace of
+its own, logging in a throwaway user whose shell is plain /bin/sh, with K
+tunnels of one reverse forward each, through a byte-counting relay. Then, for
+each K, it runs N rounds; each round runs one healthy tick of each variant,
+alternating:
 
-  wall      elapsed time of `ctunnel.py` (median and max)
-  cpu       user+system CPU of ctunnel and every process it ran (mean)
-  bytes     bytes that crossed the network (both directions, through the relay)
-  programs  programs the tick ran on the box, itself included (strace -f)
+  ctunnel    this ctunnel.py: mux protocol from Python, data-path check
+  previous   the ctunnel.py before the data path (git), `ssh -O check` and
+             `ssh -S CTL host nc -z` per forward
+  ctunnel-sh a CTunnel-style bash tick: `ssh -S CTL host "echo test | timeout 3
+             nc -v localhost PORT"` per forward, over the same masters
 
-CPU is the box's side only: the server's work is sshd's, not the tick's.
-
-For comparison it also measures the check ctunnel does NOT do: a fresh ssh
-connection per remote check (`ssh host nc -z ...`), which proves only that the
-server is reachable, not that this tunnel works.
-
-Figures depend on the machine; a Pi Zero is roughly 10-20x slower per CPU-ms.
+and reports per tick: wall (median), CPU of the tick and every program it ran
+(median), peak RSS, programs run on the box (strace -f, in a run of their
+own), processes forked on the server (PIDs allocated in sshd's namespace) and
+bytes on the wire (both ways, through the relay). Needs root (unshare,
+useradd), strace, and what the tests need.
 """
 
 import argparse
 import json
 import os
-import resource
 import shutil
 import socket
 import statistics
@@ -36,8 +36,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from conftest import (CTUNNEL, Service, SshServer, end_pids, free_port,  # noqa: E402
-                      pids_with_arg)
+from conftest import (CTUNNEL, SshServer, ThrowawayUser, descendants,  # noqa: E402
+                      end_pids, free_port, pids_with_arg)
+
+PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
 
 
 class CountingRelay:
@@ -50,7 +52,7 @@ class CountingRelay:
         self.sock = socket.socket()
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
+        self.sock.listen(256)
         self.port = self.sock.getsockname()[1]
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -83,115 +85,194 @@ class CountingRelay:
                     pass
 
     def read(self):
+        time.sleep(0.05)          # let the relay threads count the last replies
         with self.lock:
             return self.bytes
 
 
-def count_programs(argv):
-    """Programs argv runs on this side (successful execve in its own tree).
+class SshLikeService:
+    """The box's sshd, as a target: greets, reads one line, hangs up on anything
+    that is not an SSH banner (what a real sshd does with CTunnel's "test")."""
 
-    Counted with strace -f, in a run of its own that is not timed. The server's
-    processes are not in the tree: they are sshd's, not the tick's.
-    """
-    if not shutil.which("strace"):
-        return None
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(256)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    @staticmethod
+    def _serve(conn):
+        with conn:
+            try:
+                conn.sendall(b"SSH-2.0-box\r\n")
+                conn.recv(256)
+            except OSError:
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+class PidCounter:
+    """Counts PIDs allocated in sshd's namespace: a probe forked there reads its own PID."""
+
+    def __init__(self, unshare_pid):
+        self.init = None
+        while self.init is None:
+            kids = descendants(unshare_pid)
+            self.init = kids[0] if kids else None
+
+    def last(self):
+        out = subprocess.run(["nsenter", "-t", str(self.init), "-p", "--", "/bin/sh", "-c",
+                              "echo $$"], capture_output=True, text=True, check=True).stdout
+        return int(out)
+
+    def forked_by(self, run):
+        before = self.last()
+        run()
+        time.sleep(0.05)
+        return self.last() - before - 1      # the second probe's own PID
+
+
+def timed(argv):
+    """Run argv; return (wall s, cpu s, peak RSS KB), or fail loudly if it was not healthy."""
+    began = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    # wait4 before reading output would block on a full pipe; these ticks print nothing
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - began
+    err = proc.stderr.read().decode(errors="replace")
+    out = proc.stdout.read().decode(errors="replace")
+    proc.stdout.close()
+    proc.stderr.close()
+    if os.waitstatus_to_exitcode(status) != 0 or err or "restart" in out:
+        raise SystemExit("bench: %s was not a healthy tick: %s%s" % (argv, err, out))
+    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+
+
+def count_programs(argv):
+    """Programs argv runs on this side (successful execve in its own tree)."""
     with tempfile.NamedTemporaryFile("r") as trace:
         subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", trace.name] + argv,
                        stdin=subprocess.DEVNULL, capture_output=True)
         return sum(1 for line in trace if "execve(" in line and "= 0" in line)
 
 
-def timed(argv, must_be_silent):
-    """Run argv; return (wall s, cpu s of it and its children)."""
-    r0 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    t0 = time.perf_counter()
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = (r1.ru_utime - r0.ru_utime) + (r1.ru_stime - r0.ru_stime)
-    if proc.returncode != 0 or (must_be_silent and proc.stderr):
-        raise SystemExit("bench: %s failed (exit %d): %s"
-                         % (argv[-1], proc.returncode, proc.stderr))
-    return wall, cpu
+def ctunnel_sh(path, server, relay, tunnels):
+    """Write the CTunnel-style bash tick for these tunnels; return its argv."""
+    lines = ["#!/bin/bash", "# one mux session per forward, as CTunnel does"]
+    for ctl, port in tunnels:
+        lines.append('ssh -S %s -F %s -p %d -l %s -o BatchMode=yes 127.0.0.1 '
+                     '"echo test | timeout 3 nc -v localhost %d" >/dev/null 2>&1 '
+                     '|| echo "restart %s"' % (ctl, server.ssh_config, relay.port, server.user,
+                                               port, ctl))
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    return ["/bin/bash", path]
 
 
-def measure(argv, ticks, relay, must_be_silent=True):
-    """Run argv ticks times; return its median/max wall, mean CPU, procs, bytes."""
-    walls, cpus = [], []
-    bytes_before = relay.read()
-    for _ in range(ticks):
-        wall, cpu = timed(argv, must_be_silent)
-        walls.append(wall)
-        cpus.append(cpu)
-    time.sleep(0.2)   # let the relay threads count the last replies
-    return {
-        "wall_ms_median": round(statistics.median(walls) * 1000, 1),
-        "wall_ms_max": round(max(walls) * 1000, 1),
-        "cpu_ms_mean": round(statistics.mean(cpus) * 1000, 1),
-        "bytes_per_run": round((relay.read() - bytes_before) / ticks),
-        "programs_per_run": count_programs(argv),
-    }
-
-
-def write_config(path, server, relay, service, tunnels, state_dir):
-    """K tunnels through the relay; return the first tunnel's remote port."""
-    ports = [free_port() for _ in range(tunnels)]
+def write_config(path, server, relay, service, count, state_dir):
+    """count tunnels through the relay; return [(control socket, remote port)]."""
+    tunnels = []
     with open(path, "w") as f:
         f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = %s\n"
                 "ssh_config = %s\nstate_dir = %s\n\n"
                 % (relay.port, server.user, server.user_key, server.ssh_config, state_dir))
-        for i, port in enumerate(ports):
+        for i in range(count):
+            port = free_port()
             f.write("[t%d]\nremote_forward = %d:127.0.0.1:%d\n" % (i, port, service.port))
-    # the relay's port needs its line in known_hosts too
-    with open(server.known_hosts) as f:
-        key = f.read().split(None, 1)[1]
-    with open(server.known_hosts, "a") as f:
-        f.write("[127.0.0.1]:%d %s" % (relay.port, key))
-    return ports[0]
+            tunnels.append((os.path.join(state_dir, "t%d.ctl" % i), port))
+    return tunnels
+
+
+def summarize(samples, programs, forked, wire):
+    walls, cpus, rss = zip(*samples)
+    return {"wall_ms": round(statistics.median(walls) * 1000, 1),
+            "cpu_ms": round(statistics.median(cpus) * 1000, 1),
+            "peak_rss_mb": round(max(rss) / 1024, 1),
+            "programs_on_box": programs,
+            "server_processes": forked,
+            "bytes_on_wire": wire}
+
+
+def bench(count, rounds, server, relay, counter, service, work, previous):
+    """All variants for one tunnel count, alternating; return their figures."""
+    state = os.path.join(work, "st%d" % count)
+    conf = os.path.join(work, "c%d.conf" % count)
+    tunnels = write_config(conf, server, relay, service, count, state)
+    first = subprocess.run([sys.executable, CTUNNEL, "-c", conf], capture_output=True,
+                           text=True)
+    if first.returncode != 0:
+        raise SystemExit("bench: tunnels did not come up: " + first.stderr)
+    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    variants = {
+        "ctunnel": [python, CTUNNEL, "-c", conf],
+        "previous": [python, previous, "-c", conf],
+        "ctunnel-sh": ctunnel_sh(os.path.join(work, "ct%d.sh" % count), server, relay, tunnels),
+    }
+    samples = {name: [] for name in variants}
+    for _ in range(rounds):
+        for name, argv in variants.items():
+            samples[name].append(timed(argv))
+    results = {}
+    for name, argv in variants.items():
+        before = relay.read()
+        forked = counter.forked_by(lambda: timed(argv))
+        wire = relay.read() - before
+        results[name] = summarize(samples[name], count_programs(argv), forked, wire)
+    subprocess.run([sys.executable, CTUNNEL, "-c", conf, "stop"], capture_output=True)
+    return results
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ticks", type=int, default=30)
-    parser.add_argument("--tunnels", type=int, default=1)
-    parser.add_argument("--idle", type=float, default=0,
-                        help="also count keepalive bytes over this many idle seconds")
+    parser.add_argument("--ticks", type=int, default=20, help="rounds per tunnel count")
+    parser.add_argument("--tunnels", default="1,10,100", help="tunnel counts, comma-separated")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="ctb", dir="/tmp")
+    os.chmod(work, 0o755)
+    previous = os.path.join(work, "ctunnel-previous.py")
+    with open(previous, "wb") as f:
+        f.write(subprocess.run(["git", "-C", os.path.join(HERE, ".."), "show",
+                                PREVIOUS + ":ctunnel.py"], check=True,
+                               capture_output=True).stdout)
     os.makedirs(os.path.join(work, "sshd"))
-    server = SshServer(os.path.join(work, "sshd"))
+    account = ThrowawayUser(os.path.join(work, "home"))
+    server = SshServer(os.path.join(work, "sshd"), user=account.name,
+                       wrap=["unshare", "--pid", "--fork", "--mount-proc"])
+    counter = PidCounter(server.proc.pid)
     relay = CountingRelay(server.port)
-    service = Service(b"hi\n")
-    conf = os.path.join(work, "rstunnel.conf")
+    with open(server.known_hosts) as f:
+        key = f.read().split(None, 1)[1]
+    with open(server.known_hosts, "a") as f:
+        f.write("[127.0.0.1]:%d %s" % (relay.port, key))
+    service = SshLikeService()
     try:
-        remote = write_config(conf, server, relay, service, args.tunnels,
-                              os.path.join(work, "st"))
-        first = subprocess.run([sys.executable, CTUNNEL, "-c", conf], capture_output=True,
-                               text=True)
-        if first.returncode != 0:
-            raise SystemExit("bench: tunnels did not come up: " + first.stderr)
-        fresh = ["ssh", "-F", server.ssh_config, "-p", str(relay.port), "-l", server.user,
-                 "-i", server.user_key, "-o", "BatchMode=yes", "127.0.0.1",
-                 "nc", "-z", "-w", "4", "127.0.0.1", str(remote)]
-        results = {
-            "tunnels": args.tunnels, "ticks": args.ticks,
-            "healthy_tick": measure([sys.executable, CTUNNEL, "-c", conf], args.ticks, relay),
-            "python_startup_only": measure([sys.executable, "-c", "pass"], args.ticks, relay),
-            "fresh_connection_check": measure(fresh, args.ticks, relay, must_be_silent=False),
-            "python": sys.version.split()[0],
-            "ssh": subprocess.run(["ssh", "-V"], capture_output=True, text=True).stderr.strip(),
-        }
-        if args.idle:
-            before = relay.read()
-            time.sleep(args.idle)
-            results["idle_keepalive"] = {
-                "seconds": args.idle, "server_alive_interval": 10,
-                "bytes": relay.read() - before,
-                "bytes_per_day": round((relay.read() - before) * 86400 / args.idle)}
-        print(json.dumps(results, indent=2))
+        results = {"python": subprocess.run(["/usr/bin/python3", "-V"], capture_output=True,
+                                            text=True).stdout.strip(),
+                   "ssh": subprocess.run(["ssh", "-V"], capture_output=True,
+                                         text=True).stderr.strip(),
+                   "rounds": args.ticks, "by_tunnels": {}}
+        for count in [int(c) for c in args.tunnels.split(",")]:
+            figures = bench(count, args.ticks, server, relay, counter, service, work, previous)
+            base = figures["ctunnel-sh"]
+            figures["ratio_to_ctunnel_sh"] = {
+                k: round(figures["ctunnel"][k] / base[k], 2) for k in ("wall_ms", "cpu_ms")}
+            results["by_tunnels"][count] = figures
+            print(json.dumps({count: figures}, indent=1), flush=True)
         if args.json:
             with open(args.json, "w") as f:
                 json.dump(results, f, indent=2)
@@ -199,6 +280,7 @@ def main(argv=None):
     finally:
         end_pids(pids_with_arg(work))
         server.stop()
+        account.remove()
         service.close()
         shutil.rmtree(work, ignore_errors=True)
 

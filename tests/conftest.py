@@ -128,13 +128,15 @@ def port_accepts(port):
 class SshServer:
     """A real sshd on 127.0.0.1:<free port> with generated keys, in dir."""
 
-    def __init__(self, directory, key_options="", home=None, session_path=None, extra=()):
+    def __init__(self, directory, key_options="", home=None, session_path=None, extra=(),
+                 user=None, wrap=()):
         """home: give sessions this HOME (ssh-copy-id writes to $HOME/.ssh there).
         session_path: the PATH commands run with on the server (e.g. one without nc).
-        extra: more sshd_config lines."""
+        extra: more sshd_config lines. user: the login user (default: ours).
+        wrap: a command sshd runs under (e.g. unshare into a pid namespace)."""
         self.dir = directory
         self.port = free_port()
-        self.user = getpass.getuser()
+        self.user = user or getpass.getuser()
         self.host_key = os.path.join(directory, "host_ed25519")
         self.user_key = os.path.join(directory, "user_ed25519")
         self.known_hosts = os.path.join(directory, "known_hosts")
@@ -181,7 +183,7 @@ class SshServer:
         if os.geteuid() == 0:
             os.makedirs("/run/sshd", exist_ok=True)   # sshd's privsep directory
         self.log_file = open(self.log, "w")
-        self.proc = subprocess.Popen([SSHD, "-D", "-e", "-f", self.config],
+        self.proc = subprocess.Popen(list(wrap) + [SSHD, "-D", "-e", "-f", self.config],
                                      stdin=subprocess.DEVNULL, stderr=self.log_file)
         wait_for(self._ready, what="sshd on port %d" % self.port)
 
@@ -213,7 +215,8 @@ class ThrowawayUser:
 
     def __init__(self, home):
         self.name = "ct%d%d" % (os.getpid() % 10000, int(time.monotonic() * 1000) % 100000)
-        subprocess.run(["useradd", "-M", "-d", home, "-s", "/bin/sh", self.name], check=True,
+        # password "*": no password login, yet not "locked" (sshd refuses locked accounts)
+        subprocess.run(["useradd", "-M", "-p", "*", "-d", home, "-s", "/bin/sh", self.name], check=True,
                        stdin=subprocess.DEVNULL)
         os.makedirs(home, exist_ok=True)
         self.home = home

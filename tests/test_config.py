@@ -143,7 +143,30 @@ def test_unknown_tunnel_name(tmp_path, keyfile):
     conf.write_text("[pi]\n" + good_section(tmp_path, keyfile))
     result = run("-c", str(conf), "status", "cam")
     assert result.returncode == 2
-    assert result.stderr == 'ctunnel: no tunnel named "cam" in %s (have: pi)\n' % conf
+    assert result.stderr == 'ctunnel: no tunnel named "cam" in %s (have: pi; commands: ' \
+        'check, status, stop)\n' % conf
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--bogus"], 'unknown option "--bogus" (see --help)'),
+    (["check", "--json"], "--json goes with status"),
+    (["-n", "status"], "-n goes with check: it prints what a tick would run"),
+    (["-v", "-q"], "-v and -q do not go together"),
+    (["-c"], "-c needs a config file"),
+])
+def test_usage_errors_are_one_line(argv, words):
+    result = run(*argv)
+    assert (result.returncode, result.stderr) == (2, "ctunnel: %s\n" % words)
+
+
+def test_options_may_follow_the_command_and_names(tmp_path, keyfile):
+    """`status --json NAME` and `status NAME --json` both work, as documented."""
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile))
+    for argv in (["status", "--json", "pi"], ["status", "pi", "--json"],
+                 ["--json", "status", "pi"]):
+        result = run("-c", str(conf), *argv)
+        assert result.returncode == 1 and result.stdout.startswith('{\n  "tunnels"'), argv
 
 
 def test_usage_errors_exit_2_and_help_exits_0():

@@ -14,13 +14,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 
 import pytest
 
-from conftest import (DropbearServer, SshServer, connect_read, free_port, pid_alive,
+from conftest import (CTUNNEL, DropbearServer, SshServer, connect_read, free_port, pid_alive,
                       port_accepts, wait_for)
 from test_tick import start_reverse
 
@@ -65,13 +66,11 @@ def test_healthy_tick_runs_no_program(rig, service):
     remote, _ = start_reverse(rig, service)
     trace = os.path.join(rig.state_dir, "trace")
     result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", trace,
-                             "python3", "/work/main/ctunnel.py".replace(
-                                 "/work/main", os.path.dirname(os.path.dirname(
-                                     os.path.abspath(__file__)))), "-c", rig.conf],
+                             sys.executable, CTUNNEL, "-c", rig.conf],
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
     execs = [l for l in open(trace) if "execve(" in l and "= 0" in l]
-    assert len(execs) == 1 and "python3" in execs[0], execs
+    assert len(execs) == 1 and "python" in execs[0], execs
     verdict, detail = checks(rig)["remote forward %d" % remote]
     assert verdict == "UP" and detail.startswith("data path 127.0.0.1:%d -> box" % remote)
 
