@@ -1645,7 +1645,7 @@ def _format_status(r):
         if r["uptime"] is not None:
             head += ", up %s" % _format_duration(r["uptime"])
     lines = [head, "  host %s  %s" % (r["host"], "  ".join(r["forwards"]))]
-    lines += ["  %-20s %-8s %s" % (c["check"], c["verdict"], c["detail"]) for c in r["checks"]]
+    lines += ["  %-20s %-11s %s" % (c["check"], c["verdict"], c["detail"]) for c in r["checks"]]
     if r["last_restart"]:
         lines.append("  last (re)start %s: %s%s" % (
             time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_restart"])),

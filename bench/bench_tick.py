@@ -143,8 +143,22 @@ class PidCounter:
         return self.last() - before - 1      # the second probe's own PID
 
 
+def peak_rss_mb(argv):
+    """Peak RSS of argv and the programs it ran, in a run of its own.
+
+    Under /usr/bin/time: a child forked from this (large) Python would carry
+    our own high-water mark across exec, and wait4 would report that.
+    """
+    if not os.path.exists("/usr/bin/time"):
+        return None
+    with tempfile.NamedTemporaryFile("r") as out:
+        subprocess.run(["/usr/bin/time", "-f", "%M", "-o", out.name] + argv,
+                       stdin=subprocess.DEVNULL, capture_output=True)
+        return round(int(out.read().split()[-1]) / 1024, 1)
+
+
 def timed(argv):
-    """Run argv; return (wall s, cpu s, peak RSS KB), or fail loudly if it was not healthy."""
+    """Run argv; return (wall s, cpu s), or fail loudly if it was not a healthy tick."""
     began = time.perf_counter()
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
@@ -157,7 +171,7 @@ def timed(argv):
     proc.stderr.close()
     if os.waitstatus_to_exitcode(status) != 0 or err or "restart" in out:
         raise SystemExit("bench: %s was not a healthy tick: %s%s" % (argv, err, out))
-    return wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss
+    return wall, usage.ru_utime + usage.ru_stime
 
 
 def count_programs(argv):
@@ -195,11 +209,11 @@ def write_config(path, server, relay, service, count, state_dir):
     return tunnels
 
 
-def summarize(samples, programs, forked, wire):
-    walls, cpus, rss = zip(*samples)
+def summarize(samples, rss, programs, forked, wire):
+    walls, cpus = zip(*samples)
     return {"wall_ms": round(statistics.median(walls) * 1000, 1),
             "cpu_ms": round(statistics.median(cpus) * 1000, 1),
-            "peak_rss_mb": round(max(rss) / 1024, 1),
+            "peak_rss_mb": rss,
             "programs_on_box": programs,
             "server_processes": forked,
             "bytes_on_wire": wire}
@@ -219,6 +233,7 @@ def bench(count, rounds, server, relay, counter, service, work, previous):
         "ctunnel": [python, CTUNNEL, "-c", conf],
         "previous": [python, previous, "-c", conf],
         "ctunnel-sh": ctunnel_sh(os.path.join(work, "ct%d.sh" % count), server, relay, tunnels),
+        "python -c pass": [python, "-c", "pass"],     # the floor of any Python tick
     }
     samples = {name: [] for name in variants}
     for _ in range(rounds):
@@ -229,7 +244,8 @@ def bench(count, rounds, server, relay, counter, service, work, previous):
         before = relay.read()
         forked = counter.forked_by(lambda: timed(argv))
         wire = relay.read() - before
-        results[name] = summarize(samples[name], count_programs(argv), forked, wire)
+        results[name] = summarize(samples[name], peak_rss_mb(argv), count_programs(argv),
+                                  forked, wire)
     subprocess.run([sys.executable, CTUNNEL, "-c", conf, "stop"], capture_output=True)
     return results
 
