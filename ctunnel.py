@@ -45,6 +45,7 @@ crontab:
 """
 
 import configparser
+import _thread
 import errno
 import fcntl
 import math
@@ -577,7 +578,7 @@ class MuxClient:
                                % msg_type)
             (version,) = mux_fields(body, "I")
             if version != MUX_VERSION:
-                raise MuxVersionError("control master speaks protocol %d" % version)
+                raise MuxVersionError("control master speaks mux protocol %d" % version)
             self.sock.sendall(mux_packet(MUX_MSG_HELLO, MUX_VERSION))
         except BaseException:
             self.close()
@@ -787,36 +788,75 @@ TCP_LISTEN, TCP_SYN_SENT = 0x0A, 0x02
 TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
 
 
-def tcp_sockets(inodes):
-    """Return the TcpSocket of each inode in /proc/net/tcp and tcp6 (None: all).
+class TcpTable:
+    """The kernel's TCP sockets (/proc/net/tcp and tcp6), read as seldom as possible.
 
-    Reading either file walks the kernel's whole connection table (a few ms
-    on a big machine, far less on a small box), so tcp6 is read only when
-    tcp did not hold every inode asked for.
+    Reading either file walks the kernel's whole connection table: well under
+    a millisecond on a small box, several on a big machine. One table serves
+    a whole tick: a check that saw a new socket asks for a read that began
+    after that moment, and checks that wait together share one read.
     """
-    found = []
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, "rb") as f:
-                lines = f.read(TCP_TABLE_MAX).decode("ascii", "replace").splitlines()[1:]
-        except OSError:
-            continue
-        for line in lines:
-            fields = line.split()
-            if len(fields) > 9 and fields[9].isdigit() and \
-                    (inodes is None or int(fields[9]) in inodes):
-                local, remote = fields[1].split(":"), fields[2].split(":")
-                found.append(TcpSocket(int(fields[9]), _proc_address(local[0]),
-                                       int(local[1], 16), _proc_address(remote[0]),
-                                       int(remote[1], 16), int(fields[3], 16)))
-        if inodes is not None and len(found) >= len(inodes):
-            break
-    return found
+
+    FILES = ("/proc/net/tcp", "/proc/net/tcp6")
+
+    def __init__(self):
+        self.lock = _thread.allocate_lock()
+        self.reads = {}         # file -> (monotonic time the read began, its text)
+
+    def sockets(self, inodes, since=None):
+        """Return the TcpSocket of each inode, from reads that began after since.
+
+        inodes None: every socket (a fresh read). tcp6 is read only when tcp
+        did not hold every inode asked for.
+        """
+        found = []
+        for path in self.FILES:
+            text = self._text(path, time.monotonic() if since is None else since)
+            if inodes is None:
+                found += [_tcp_socket(l) for l in text.splitlines()[1:] if len(l.split()) > 9]
+                continue
+            found += [s for s in (_find_inode(text, i) for i in inodes) if s]
+            if len(found) >= len(inodes):
+                break
+        return found
+
+    def _text(self, path, since):
+        with self.lock:
+            began, text = self.reads.get(path, (-1.0, b""))
+            if began < since:
+                began = time.monotonic()
+                try:
+                    with open(path, "rb") as f:
+                        text = f.read(TCP_TABLE_MAX)
+                except OSError:
+                    text = b""
+                self.reads[path] = (began, text)
+            return text
+
+
+def _find_inode(text, inode):
+    """Return the TcpSocket of the line whose inode field is inode, or None."""
+    needle = b" %d " % inode
+    at = text.find(needle)
+    while at >= 0:
+        start, end = text.rfind(b"\n", 0, at) + 1, text.find(b"\n", at)
+        line = text[start:end if end >= 0 else len(text)]
+        if line.split()[9:10] == [b"%d" % inode]:
+            return _tcp_socket(line)
+        at = text.find(needle, at + 1)
+    return None
+
+
+def _tcp_socket(line):
+    fields = line.split()
+    local, remote = fields[1].split(b":"), fields[2].split(b":")
+    return TcpSocket(int(fields[9]), _proc_address(local[0]), int(local[1], 16),
+                     _proc_address(remote[0]), int(remote[1], 16), int(fields[3], 16))
 
 
 def _proc_address(text):
     """Decode /proc/net/tcp's hex address: 32-bit words in the host's byte order."""
-    raw = bytes.fromhex(text)
+    raw = bytes.fromhex(text.decode("ascii"))
     if sys.byteorder == "little":
         raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
     if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
@@ -1082,7 +1122,7 @@ def _is_target(sock, forward):
         (wanted is None or wanted == _ip(sock.remote_addr))
 
 
-def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline):
+def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline, table):
     """Watch the master while the channel is open: did the connection come back?
 
     It came back through this tunnel when the master (our verified PID) holds
@@ -1094,7 +1134,7 @@ def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline):
     seen, interval = None, 0.0005
     while True:
         new = socket_inodes(pid) - before
-        for sock in tcp_sockets(new) if new else ():
+        for sock in table.sockets(new, time.monotonic()) if new else ():
             if _is_target(sock, forward):
                 if sock.state != TCP_SYN_SENT:
                     return "loop"
@@ -1120,7 +1160,7 @@ def _forbidden(reason):
     return "prohibited" in reason
 
 
-def check_data_path(tunnel, forward, pid, tries=2):
+def check_data_path(tunnel, forward, pid, table, tries=2):
     """Prove a -R forward end to end: server listener -> this tunnel -> box target.
 
     Returns (Verdict, fallback): fallback is True when the server would not
@@ -1138,7 +1178,7 @@ def check_data_path(tunnel, forward, pid, tries=2):
                 before = socket_inodes(pid) | channel.passed
                 channel.open(address, forward.port)
                 outcome = _await_loop(tunnel, forward, pid, before, channel, log_offset,
-                                      deadline)
+                                      deadline, table)
         except MuxRefused as e:
             reason = _refusal(tunnel, log_offset, e)
             if _forbidden(reason):
@@ -1152,7 +1192,7 @@ def check_data_path(tunnel, forward, pid, tries=2):
             return Verdict(name, DOWN, "no answer within %gs: the connection is hung"
                            % tunnel.check_timeout), False
         except MuxVersionError as e:
-            return Verdict(name, UNKNOWN, "cannot open a channel: %s" % e), True
+            return Verdict(name, UNKNOWN, "the %s, which cannot open a channel" % e), True
         except (MuxError, OSError) as e:
             return Verdict(name, DOWN, "control socket: %s" % _why(e)), False
         if outcome != "closed":
@@ -1219,13 +1259,13 @@ def check_remote_nc(tunnel, forward):
                    "exit %d%s" % (rc, ", said: " + said if said else ""))
 
 
-def check_remote_forward(tunnel, forward, pid):
+def check_remote_forward(tunnel, forward, pid, table):
     """Check a -R forward the way remote_check says (auto: data path, nc if forbidden)."""
     if tunnel.remote_check == "none":
         return Verdict("remote forward %d" % forward.port, UP, "not checked (remote_check = none)")
     if tunnel.remote_check == "nc":
         return check_remote_nc(tunnel, forward)
-    verdict, fallback = check_data_path(tunnel, forward, pid)
+    verdict, fallback = check_data_path(tunnel, forward, pid, table)
     if not (fallback and tunnel.remote_check == "auto"):
         return verdict
     nc = check_remote_nc(tunnel, forward)
@@ -1234,7 +1274,7 @@ def check_remote_forward(tunnel, forward, pid):
     return nc._replace(detail="%s, since %s" % (nc.detail, verdict.detail))
 
 
-def check_local_forward(tunnel, forward, pid):
+def check_local_forward(tunnel, forward, pid, table):
     """Does this tunnel's ssh own the -L listener, and does the server reach the target?"""
     name = "local forward %d" % forward.port
     address = check_address(forward)
@@ -1243,8 +1283,8 @@ def check_local_forward(tunnel, forward, pid):
     def binds(sock):
         return sock.state == TCP_LISTEN and sock.local_port == forward.port and \
             sock.local_addr in (address, "0.0.0.0", "::")
-    if not any(binds(s) for s in tcp_sockets(socket_inodes(pid))):
-        if any(binds(s) for s in tcp_sockets(None)):
+    if not any(binds(s) for s in table.sockets(socket_inodes(pid))):
+        if any(binds(s) for s in table.sockets(None)):
             return Verdict(name, DOWN, "%s is held by another program" % where)
         return Verdict(name, DOWN, "ssh does not listen on %s" % where)
     if tunnel.remote_check in ("nc", "none"):
@@ -1272,12 +1312,14 @@ def check_local_forward(tunnel, forward, pid):
                    % (where, target, _ms(began)))
 
 
-def run_ladder(tunnel, with_process=True):
+def run_ladder(tunnel, with_process=True, table=None):
     """Run the checks cheapest first; stop at the first DOWN.
 
     Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
     with_process=False starts at the master, for a tunnel just launched.
+    table: the tick's TcpTable, shared by every tunnel of the tick.
     """
+    table = table or TcpTable()
     verdicts, expected = [], None
     if with_process:
         expected, verdict = check_process(tunnel)
@@ -1290,7 +1332,7 @@ def run_ladder(tunnel, with_process=True):
         return verdicts
     for forward in sorted(tunnel.forwards, key=lambda f: f.kind):    # -L first
         check = check_local_forward if forward.kind == "L" else check_remote_forward
-        verdicts.append(check(tunnel, forward, pid))
+        verdicts.append(check(tunnel, forward, pid, table))
         if verdicts[-1].state == DOWN:
             break
     return verdicts
@@ -1400,14 +1442,14 @@ Event = namedtuple("Event", "level text stderr", defaults=(True,))
 Outcome = namedtuple("Outcome", "name healthy events verdicts")
 
 
-def tick_tunnel(tunnel, verbose=False):
+def tick_tunnel(tunnel, verbose=False, table=None):
     """Check one tunnel under its lock and repair it if a check says DOWN."""
     lock = TunnelLock(tunnel)
     if not lock.acquire():
         # another tick is on it right now: leave the tunnel to that tick
         return Outcome(tunnel.name, True, [], [])
     try:
-        return _tick_locked(tunnel, verbose)
+        return _tick_locked(tunnel, verbose, table)
     finally:
         lock.release()
 
@@ -1417,8 +1459,8 @@ def _verdict_events(tunnel, verdicts):
             for v in verdicts]
 
 
-def _tick_locked(tunnel, verbose):
-    verdicts = run_ladder(tunnel)
+def _tick_locked(tunnel, verbose, table):
+    verdicts = run_ladder(tunnel, table=table)
     events = _verdict_events(tunnel, verdicts) if verbose else []
     down = first_down(verdicts)
     if down is None and all(v.state == UP for v in verdicts) and \
@@ -1426,7 +1468,7 @@ def _tick_locked(tunnel, verbose):
         return Outcome(tunnel.name, True, events, verdicts)    # healthy: nothing to write
     state = read_state(tunnel)
     if down is not None:
-        healthy, verdicts = _repair(tunnel, down, state, events, verbose)
+        healthy, verdicts = _repair(tunnel, down, state, events, verbose, table)
         if not healthy:
             return Outcome(tunnel.name, False, events, verdicts)
     _note_warnings(tunnel, verdicts, state, events)
@@ -1441,7 +1483,7 @@ def _down_reason(tunnel, down):
     return down.detail + ("; ssh said: %s" % said if said else "")
 
 
-def _repair(tunnel, down, state, events, verbose):
+def _repair(tunnel, down, state, events, verbose, table):
     """Stop the tunnel's ssh, launch a new one and check it again.
 
     Records the outcome in state and adds its event. Returns (healthy, verdicts).
@@ -1452,7 +1494,7 @@ def _repair(tunnel, down, state, events, verbose):
     pid, failure = launch_tunnel(tunnel)
     verdicts = []
     if failure is None:
-        verdicts = run_ladder(tunnel, with_process=False)
+        verdicts = run_ladder(tunnel, with_process=False, table=table)
         if verbose:
             events += _verdict_events(tunnel, verdicts)
         after = first_down(verdicts)
@@ -1589,9 +1631,11 @@ def for_each(items, work):
 
 def cmd_check(tunnels, args, reporter):
     """One tick: every tunnel checked and repaired, side by side."""
+    table = TcpTable()
+
     def work(t):
         try:
-            return tick_tunnel(t, verbose=args.verbose)
+            return tick_tunnel(t, verbose=args.verbose, table=table)
         except OSError as e:      # e.g. state_dir removed or full: say so, in one line
             return Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))], [])
         except Exception as e:    # a bug must cost one tunnel one line, not the whole tick
@@ -1606,9 +1650,9 @@ def cmd_check(tunnels, args, reporter):
     return EXIT_OK if healthy else EXIT_DOWN
 
 
-def describe_tunnel(tunnel):
+def describe_tunnel(tunnel, table=None):
     """Return the status record of one tunnel, changing nothing."""
-    verdicts = run_ladder(tunnel)
+    verdicts = run_ladder(tunnel, table=table)
     state = read_state(tunnel)
     pid = read_pidfile(tunnel) if verdicts[0].state == UP else None
     return {
@@ -1628,7 +1672,8 @@ def describe_tunnel(tunnel):
 
 
 def cmd_status(tunnels, args, out):
-    records = for_each(tunnels, describe_tunnel)
+    table = TcpTable()
+    records = for_each(tunnels, lambda t: describe_tunnel(t, table))
     if args.json:
         import json
         out.write(json.dumps({"tunnels": records}, indent=2) + "\n")

@@ -280,3 +280,15 @@ def test_a_tick_that_cannot_use_its_state_dir_says_so_in_one_line(tmp_path, caps
     assert ctunnel.cmd_check([gone], args, reporter) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "pi: [Errno 2] No such file or directory" in err[0]
+
+
+def test_an_older_protocol_checks_a_reverse_forward_with_nc_over_the_master(tmp_path, fake_ssh):
+    """A master that does not speak version 4 cannot open our channel: nc is
+    asked over the same master (the fake ssh stands for it), never a new connection."""
+    tunnel = fake_ssh(0, stdout=nc_said("", 0))
+    FakeMaster(str(tmp_path / "pi.ctl"), [ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 3)])
+    verdict = ctunnel.check_remote_forward(tunnel, tunnel.forwards[0], 4242, ctunnel.TcpTable())
+    assert verdict.state == "UP"
+    assert verdict.detail == ("listening on the server (nc), since the control master speaks "
+                              "mux protocol 3, which cannot open a channel")
+    assert "ProxyCommand=false" in ctunnel.build_mux_argv(tunnel, "x")
