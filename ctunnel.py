@@ -98,7 +98,7 @@ KILL_GRACE = 2.0            # seconds between SIGTERM and SIGKILL
 LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
 SOCKET_PATH_MAX = 104       # sun_path is 104-108 bytes depending on the OS
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
-PARALLEL = 16               # tunnels checked at once
+PARALLEL = 32               # tunnels checked at once (a thread each)
 STATE_MAX = 65536           # bytes read of a state file at most
 REPEAT_FAILURE_AFTER = 3600 # seconds before an unchanged failure is printed again
 
@@ -1131,7 +1131,7 @@ def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline, tab
     "closed" (far end hung up with no sign either way) or "silent".
     """
     refused = "connect_to %s port %d: failed" % (forward.host.strip("[]"), forward.hostport)
-    seen, interval = None, 0.0005
+    seen, interval = None, 0.001
     while True:
         new = socket_inodes(pid) - before
         for sock in table.sockets(new, time.monotonic()) if new else ():
@@ -1147,7 +1147,7 @@ def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline, tab
         if select.select([channel.output], [], [], min(interval, left))[0]:
             if not channel.output.recv(4096):
                 channel = None      # hung up: one last look at the master, then decide
-        interval = min(interval * 2, 0.01)
+        interval = min(interval * 2, 0.02)
 
 
 def _refusal(tunnel, log_offset, error):

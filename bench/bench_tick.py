@@ -37,7 +37,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from conftest import (CTUNNEL, SshServer, ThrowawayUser, descendants,  # noqa: E402
-                      end_pids, free_port, pids_with_arg)
+                      end_pids, pids_with_arg)
 
 PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
 
@@ -197,13 +197,18 @@ def ctunnel_sh(path, server, relay, tunnels):
 
 def write_config(path, server, relay, service, count, state_dir):
     """count tunnels through the relay; return [(control socket, remote port)]."""
-    tunnels = []
+    tunnels, held = [], []
+    for _ in range(count):          # distinct ports: each held until all are chosen
+        held.append(socket.socket())
+        held[-1].bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in held]
+    for s in held:
+        s.close()
     with open(path, "w") as f:
         f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = %s\n"
                 "ssh_config = %s\nstate_dir = %s\n\n"
                 % (relay.port, server.user, server.user_key, server.ssh_config, state_dir))
-        for i in range(count):
-            port = free_port()
+        for i, port in enumerate(ports):
             f.write("[t%d]\nremote_forward = %d:127.0.0.1:%d\n" % (i, port, service.port))
             tunnels.append((os.path.join(state_dir, "t%d.ctl" % i), port))
     return tunnels
@@ -224,8 +229,12 @@ def bench(count, rounds, server, relay, counter, service, work, previous):
     state = os.path.join(work, "st%d" % count)
     conf = os.path.join(work, "c%d.conf" % count)
     tunnels = write_config(conf, server, relay, service, count, state)
-    first = subprocess.run([sys.executable, CTUNNEL, "-c", conf], capture_output=True,
-                           text=True)
+    for _ in range(3):      # a port the last stage's server session still held comes free
+        first = subprocess.run([sys.executable, CTUNNEL, "-c", conf], capture_output=True,
+                               text=True)
+        if first.returncode == 0:
+            break
+        time.sleep(2)
     if first.returncode != 0:
         raise SystemExit("bench: tunnels did not come up: " + first.stderr)
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable

@@ -292,3 +292,48 @@ def test_an_older_protocol_checks_a_reverse_forward_with_nc_over_the_master(tmp_
     assert verdict.detail == ("listening on the server (nc), since the control master speaks "
                               "mux protocol 3, which cannot open a channel")
     assert "ProxyCommand=false" in ctunnel.build_mux_argv(tunnel, "x")
+
+
+TCP_TABLE = (b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
+             b"timeout inode\n"
+             b"   0: 0100007F:0462 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0"
+             b"        0 1234 1 0000000000000000 100 0 0 10 0\n"
+             b"   1: 0100007F:D431 0100007F:0016 01 00000000:00000000 00:00000000 00000000     0"
+             b"        0 12345 1 0000000000000000 20 4 30 10 -1\n")
+
+
+def test_tcp_table_lines_are_found_by_inode_and_decoded():
+    listener = ctunnel._find_inode(TCP_TABLE, 1234)
+    assert listener == ctunnel.TcpSocket(1234, "127.0.0.1", 1122, "0.0.0.0", 0, ctunnel.TCP_LISTEN)
+    conn = ctunnel._find_inode(TCP_TABLE, 12345)
+    assert (conn.remote_addr, conn.remote_port, conn.state) == ("127.0.0.1", 22, 1)
+    assert ctunnel._find_inode(TCP_TABLE, 0) is None          # "0" is in other fields
+    assert ctunnel._find_inode(TCP_TABLE, 999) is None
+
+
+@pytest.mark.skipif(sys.byteorder != "little", reason="the table is in the host's byte order")
+@pytest.mark.parametrize("text,address", [
+    (b"0100007F", "127.0.0.1"),
+    (b"00000000000000000000000001000000", "::1"),
+    (b"0000000000000000FFFF00000100007F", "127.0.0.1"),        # v4-mapped
+    (b"B80D0120000000000000000001000000", "2001:db8::1"),
+])
+def test_proc_addresses(text, address):
+    assert ctunnel._proc_address(text) == address
+
+
+def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch):
+    table = ctunnel.TcpTable()
+    reads = []
+    real_open = open
+
+    def counting_open(path, *a, **k):
+        reads.append(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", counting_open)
+    seen = time.monotonic()
+    table.sockets({1}, seen)
+    table.sockets({2}, seen)                 # saw its socket before that read began
+    assert reads.count("/proc/net/tcp") == 1
+    table.sockets({3}, time.monotonic())     # saw it after: needs a new read
+    assert reads.count("/proc/net/tcp") == 2
