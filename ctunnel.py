@@ -97,6 +97,7 @@ EXIT_OK, EXIT_DOWN, EXIT_USAGE = 0, 1, 2
 KILL_GRACE = 2.0            # seconds between SIGTERM and SIGKILL
 LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
 SOCKET_PATH_MAX = 104       # sun_path is 104-108 bytes depending on the OS
+CTL_TEMP_SUFFIX = 17        # ssh binds NAME.ctl.XXXXXXXXXXXXXXXX first, then renames it
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
 PARALLEL = 32               # tunnels checked at once (a thread each)
 STATE_MAX = 65536           # bytes read of a state file at most
@@ -271,8 +272,13 @@ def _load_tunnel(path, name, section):
                               % (where, key, ", ".join(sorted(KNOWN_KEYS))))
     values = {}
     for key, parse in _KEY_PARSERS:
+        text = section.get(key, "").strip()
+        if key in _PATH_KEYS and text and (key != "ssh" or os.sep in text):
+            # cron runs in HOME, a user by hand anywhere: relative to the config file
+            text = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
+                                                 os.path.expanduser(text)))
         try:
-            values[key] = parse(section.get(key, "").strip())
+            values[key] = parse(text)
         except ValueError as e:
             raise ConfigError("%s: %s %s" % (where, key, e))
     forwards = values["remote_forward"] + values["local_forward"]
@@ -369,20 +375,28 @@ def _positive(integer):
 
 
 def _state_dir(value, name):
-    path = os.path.abspath(os.path.expanduser(value))
+    """Check that state_dir can hold the control socket and be made; make nothing.
+
+    A tick creates it (0700); status and -n only look.
+    """
+    path = os.path.normpath(value)
     ctl = os.path.join(path, name + ".ctl")
-    if len(ctl.encode()) >= SOCKET_PATH_MAX:
-        raise ValueError('"%s" is too long: the control socket path %s must stay under '
-                         '%d bytes' % (value, ctl, SOCKET_PATH_MAX))
-    try:
-        os.makedirs(path, mode=0o700, exist_ok=True)
-    except OSError as e:
-        raise ValueError('"%s" cannot be created: %s' % (value, e.strerror))
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ValueError('"%s" is not writable' % value)
+    if len(ctl.encode()) + CTL_TEMP_SUFFIX >= SOCKET_PATH_MAX:
+        raise ValueError('"%s" is too long: the control socket %s, plus the %d bytes ssh adds '
+                         'while it creates it, must stay under %d bytes'
+                         % (value, ctl, CTL_TEMP_SUFFIX, SOCKET_PATH_MAX))
+    existing = path
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ValueError('"%s" cannot be created: %s is not a directory' % (value, existing))
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError('"%s" %s' % (value, "is not writable" if existing == path else
+                                      "cannot be created: %s is not writable" % existing))
     return path
 
 
+_PATH_KEYS = ("identity_file", "ssh_config", "ssh", "state_dir")
 _KEY_PARSERS = (
     ("host", _required_host),
     ("user", lambda text: parse_host(text, "user") if text else ""),
@@ -1402,7 +1416,7 @@ def launch_tunnel(tunnel):
     with open(log_path, errors="replace") as f:
         said = _lines_said(f.read()[-8192:])
     if rc != 0:
-        return None, explain_ssh_failure(said, rc)
+        return None, explain_ssh_failure(tunnel, said, rc)
     pid, verdict = check_master(tunnel)
     if pid is None:
         return None, "ssh started but %s" % verdict.detail
@@ -1410,27 +1424,78 @@ def launch_tunnel(tunnel):
     return pid, None
 
 
-def explain_ssh_failure(lines, rc):
-    """Turn what a failed `ssh -f` printed (its lines) into one line with a hint."""
-    if isinstance(lines, str):
-        lines = [lines] if lines else []
+def explain_ssh_failure(tunnel, lines, rc):
+    """Turn what a failed `ssh -f` printed (its lines) into one line the user can act on."""
     said = lines[-1] if lines else "ssh exited %d without a message" % rc
+    text = "\n".join(lines)
     bind = [l for l in lines if l.startswith("bind ")]
     if said.startswith("Could not request local forwarding") and bind:
         said = "%s: %s" % (said.rstrip("."), bind[-1])
+    login = "%s%s" % (tunnel.user + "@" if tunnel.user else "", tunnel.host)
+    if "REMOTE HOST IDENTIFICATION HAS CHANGED" in text:
+        known = "[%s]:%d" % (tunnel.host, tunnel.port) if tunnel.port and tunnel.port != 22 \
+            else tunnel.host
+        return ("the server's host key has CHANGED since it was accepted: this may be an "
+                "attack by someone between this box and %s. Not connecting. If the server "
+                "was reinstalled, check its new key's fingerprint with its admin, then "
+                "ssh-keygen -R '%s' and accept the new key by logging in once by hand"
+                % (tunnel.host, known))
+    if "UNPROTECTED PRIVATE KEY FILE" in text:
+        return ("%s (ssh ignores the key %s because others may read it: chmod 600 %s)"
+                % (said, tunnel.identity_file, tunnel.identity_file))
+    if "Host key verification failed" in said:
+        return ("%s (the server's host key is not in known_hosts yet: check its fingerprint "
+                "(ssh-keyscan %s%s | ssh-keygen -lf -), then accept it by logging in once by "
+                "hand: ssh %s%s)" % (said, "-p %d " % tunnel.port if tunnel.port else "",
+                                     tunnel.host, "-p %d " % tunnel.port if tunnel.port
+                                     else "", login))
+    if "Permission denied" in said:
+        if key_has_passphrase(tunnel.identity_file):
+            return ("%s (the key %s has a passphrase, which cron cannot type: make a key "
+                    "without one, ssh-keygen -N '')" % (said, tunnel.identity_file))
+        return ("%s (the server refused the key for %s: check user, and that the key's .pub "
+                "line is in that user's ~/.ssh/authorized_keys on the server)"
+                % (said, login.split("@")[0] if tunnel.user else "your user name"))
+    if rc not in (0, 255) and not is_openssh(tunnel.ssh):
+        return ("%s is not OpenSSH's ssh client (it exited %d: %s); set ssh = the path of "
+                "ssh" % (tunnel.ssh, rc, said))
     hints = (
         ("remote port forwarding failed", "the server still holds the port: a stale "
          "session (set ClientAliveInterval on the server) or another program"),
-        ("Permission denied", "the server refused the key: check identity_file and "
-         "the server's authorized_keys"),
-        ("Host key verification failed", "the server is not in known_hosts: run "
-         "ssh once by hand to accept its key"),
         ("Could not resolve hostname", "check host, or the network"),
     )
     for needle, hint in hints:
         if needle in said:
             return "%s (%s)" % (said, hint)
     return said
+
+
+def key_has_passphrase(path):
+    """Is the private key at path encrypted? (OpenSSH's own format, or PEM.)"""
+    import base64
+    try:
+        with open(path, "rb") as f:
+            text = f.read(65536)
+    except (OSError, TypeError):
+        return False
+    if b"ENCRYPTED" in text:
+        return True
+    body = b"".join(l for l in text.splitlines() if not l.startswith(b"-----"))
+    try:
+        blob = base64.b64decode(body)
+    except ValueError:
+        return False
+    magic = b"openssh-key-v1\0"
+    if not blob.startswith(magic):
+        return False
+    size = int.from_bytes(blob[len(magic):len(magic) + 4], "big")
+    return blob[len(magic) + 4:len(magic) + 4 + size] != b"none"
+
+
+def is_openssh(program):
+    """Does program -V say it is OpenSSH? (asked only after a launch failed)"""
+    status, out, err = _run([program, "-V"], 5)
+    return "OpenSSH" in out + err
 
 
 # ---------------------------------------------------------------------------
@@ -1444,6 +1509,7 @@ Outcome = namedtuple("Outcome", "name healthy events verdicts")
 
 def tick_tunnel(tunnel, verbose=False, table=None):
     """Check one tunnel under its lock and repair it if a check says DOWN."""
+    os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
     lock = TunnelLock(tunnel)
     if not lock.acquire():
         # another tick is on it right now: leave the tunnel to that tick
@@ -1570,11 +1636,13 @@ class Reporter:
     def __init__(self, quiet=False, stream=None, syslog_path=None):
         self.quiet = quiet
         self.stream = stream or sys.stderr
+        # at a terminal every failure is shown; only cron mail is spared repeats
+        self.tty = self.stream.isatty()
         self.syslog_path = syslog_path or os.environ.get(SYSLOG_ENV, SYSLOG_PATH)
 
     def event(self, level, text, stderr=True):
         """Report one event: syslog, and stderr unless told not (or quiet and no error)."""
-        if stderr and (not self.quiet or level <= LOG_ERR):
+        if (stderr or self.tty) and (not self.quiet or level <= LOG_ERR):
             stamp = time.strftime("%Y/%m/%d %H:%M:%S")
             self.stream.write("%s ctunnel[%d]: %s\n" % (stamp, os.getpid(), text))
             self.stream.flush()
@@ -1712,6 +1780,7 @@ def _format_duration(seconds):
 def cmd_stop(tunnels, args, reporter):
     status = EXIT_OK
     for t in tunnels:
+        os.makedirs(t.state_dir, mode=0o700, exist_ok=True)
         lock = TunnelLock(t)
         if not lock.acquire(wait=STOP_LOCK_WAIT):
             reporter.event(LOG_ERR, "%s: not stopped: another tick still holds %s"

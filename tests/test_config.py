@@ -211,7 +211,47 @@ def test_defaults_are_inherited_and_sections_override(tmp_path, keyfile):
     assert (a.host, a.user, a.check_timeout, b.host) == ("vps", "pi", 7.0, "other")
     assert [f.spec for f in b.forwards] == ["8080:127.0.0.1:80", "127.0.0.1:8443:[::1]:443"]
     assert b.ssh_options == ("Compression=yes", "ConnectionAttempts=2")
-    assert stat.S_IMODE(os.stat(str(tmp_path / "st")).st_mode) == 0o700
+    assert not os.path.exists(str(tmp_path / "st"))          # loading makes nothing
+
+
+def test_status_and_dry_run_make_nothing_and_a_tick_makes_state_dir_0700(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    state = tmp_path / "deep" / "st"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile, state_dir=str(state),
+                                           host="127.0.0.1", port="1"))
+    for argv in (["-n"], ["status"], ["status", "--json"]):
+        result = run("-c", str(conf), *argv)
+        assert "Traceback" not in result.stderr, result.stderr
+        assert not os.path.exists(str(tmp_path / "deep")), argv
+    tick = run("-c", str(conf))
+    assert tick.returncode == 1            # nothing listens on port 1
+    assert stat.S_IMODE(os.stat(str(state)).st_mode) == 0o700
+
+
+def test_relative_paths_are_relative_to_the_config_file(tmp_path):
+    """cron runs in HOME, a user by hand anywhere: both must mean the same files."""
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "k").write_text("k")
+    (tmp_path / "etc").mkdir()
+    conf = tmp_path / "etc" / "c.conf"
+    conf.write_text("[pi]\nhost = h\nremote_forward = 1122:127.0.0.1:22\n"
+                    "identity_file = ../keys/k\nstate_dir = st\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = run("-c", str(conf), "-n", cwd=str(elsewhere))
+    assert result.returncode == 0, result.stderr
+    assert "-i %s" % (tmp_path / "keys" / "k") in result.stdout
+    assert "-S %s" % (tmp_path / "etc" / "st" / "pi.ctl") in result.stdout
+
+
+def test_control_socket_length_counts_what_ssh_adds(tmp_path, keyfile):
+    """ssh binds NAME.ctl plus 17 bytes first: a 95-byte path must be refused."""
+    room = ctunnel.SOCKET_PATH_MAX - len("/pi.ctl") - 10
+    state = "/tmp/" + "d" * (room - len("/tmp/"))
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile, state_dir=state))
+    result = run("-c", str(conf), "-n")
+    assert result.returncode == 2 and "the 17 bytes ssh adds" in result.stderr
 
 
 @pytest.mark.parametrize("spec,expected", [
@@ -348,12 +388,17 @@ def test_process_identity_is_the_control_socket_in_argv(tmp_path):
     assert not ctunnel.is_tunnel_ssh(ours.pid, t)
 
 
-def test_example_config_is_valid(tmp_path):
+def test_example_config_is_valid():
     """rstunnel.conf.example parses once its key exists (HOME points at a temp dir)."""
-    (tmp_path / ".ssh").mkdir()
-    (tmp_path / ".ssh" / "ctunnel_ed25519").write_text("k")
-    example = os.path.join(os.path.dirname(CTUNNEL), "rstunnel.conf.example")
-    result = run("-c", example, "-n", env=dict(os.environ, HOME=str(tmp_path)))
+    home = tempfile.mkdtemp(prefix="cth", dir="/tmp")     # short: the socket path counts
+    try:
+        os.makedirs(os.path.join(home, ".ssh"))
+        with open(os.path.join(home, ".ssh", "ctunnel_ed25519"), "w") as f:
+            f.write("k")
+        example = os.path.join(os.path.dirname(CTUNNEL), "rstunnel.conf.example")
+        result = run("-c", example, "-n", env=dict(os.environ, HOME=home))
+    finally:
+        shutil.rmtree(home)
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("checks over the control socket") == 2    # the two tunnels
     assert "-R 127.0.0.1:8080:192.168.1.20:80 -R 127.0.0.1:8554:192.168.1.20:554 " \

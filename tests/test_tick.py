@@ -7,6 +7,7 @@ the test sshd listens for it: bytes read there came through the tunnel.
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -431,6 +432,89 @@ def test_ssh_options_reach_ssh_and_an_unknown_host_key_is_explained(rig, service
     assert tick.returncode == 1
     (line,) = tick.stderr.splitlines()
     assert "pi: start failed: Host key verification failed." in line
-    assert "run ssh once by hand to accept its key" in line
+    assert "accept it by logging in once by hand: ssh -p %d %s@127.0.0.1" % (
+        rig.server.port, rig.server.user) in line
     assert rig.ssh_pids() == []
     assert empty.read_text() == ""           # host-key checking was never turned off
+
+
+def launch_failure(rig, service, **keys):
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (free_port(), service.port), **keys)
+    tick = rig.run()
+    assert tick.returncode == 1
+    (line,) = tick.stderr.splitlines()
+    assert rig.ssh_pids() == []
+    return line
+
+
+def test_a_key_others_can_read_is_named_with_the_fix(rig, service, tmp_path):
+    key = str(tmp_path / "key")
+    shutil.copy(rig.server.user_key, key)
+    os.chmod(key, 0o644)
+    line = launch_failure(rig, service, identity_file=key)
+    assert "ssh ignores the key %s because others may read it: chmod 600 %s" % (key, key) \
+        in line
+
+
+def test_a_key_with_a_passphrase_is_named(rig, service, tmp_path):
+    key = str(tmp_path / "key")
+    shutil.copy(rig.server.user_key, key)
+    subprocess.run(["ssh-keygen", "-q", "-p", "-P", "", "-N", "secret", "-f", key], check=True)
+    line = launch_failure(rig, service, identity_file=key)
+    assert "Permission denied" in line and "has a passphrase, which cron cannot type" in line
+
+
+def test_a_wrong_user_is_named(rig, service):
+    line = launch_failure(rig, service, user="nosuchuser")
+    assert "the server refused the key for nosuchuser: check user" in line
+
+
+def test_a_changed_host_key_is_loud_and_never_accepted(rig, service, tmp_path):
+    other = str(tmp_path / "other_host_key")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", other], check=True)
+    known = str(tmp_path / "known_hosts")
+    with open(other + ".pub") as f:
+        kind, data = f.read().split()[:2]
+    with open(known, "w") as f:
+        f.write("[127.0.0.1]:%d %s %s\n" % (rig.server.port, kind, data))
+    line = launch_failure(rig, service, ssh_options=["UserKnownHostsFile=%s" % known])
+    assert "host key has CHANGED since it was accepted: this may be an attack" in line
+    assert "ssh-keygen -R '[127.0.0.1]:%d'" % rig.server.port in line
+    with open(known) as f:
+        assert f.read() == "[127.0.0.1]:%d %s %s\n" % (rig.server.port, kind, data)
+
+
+def test_a_program_that_is_not_ssh_is_named(rig, service):
+    line = launch_failure(rig, service, ssh="/bin/ls")
+    assert "/bin/ls is not OpenSSH's ssh client" in line
+
+
+def test_at_a_terminal_every_failure_is_printed(rig, service):
+    """The hourly de-duplication is for cron mail; a person at a terminal sees each one."""
+    import pty
+    stranger = os.path.join(rig.state_dir, "stranger")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", stranger], check=True)
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (free_port(), service.port),
+                     identity_file=stranger)
+    for attempt in (1, 2):
+        master, slave = pty.openpty()
+        try:
+            tick = subprocess.run([sys.executable, CTUNNEL, "-c", rig.conf],
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                  stderr=slave, timeout=60)
+            os.close(slave)
+            said = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:
+                    break
+                if not chunk:
+                    break
+                said += chunk
+        finally:
+            os.close(master)
+        assert tick.returncode == 1
+        assert b"pi: start failed" in said and b"Permission denied" in said, (attempt, said)
+    # without a terminal, the same failure again is not printed (cron mail)
+    assert rig.run().stderr == ""

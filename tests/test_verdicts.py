@@ -261,25 +261,59 @@ def test_refused_channel_raises_with_the_masters_reason(master, tmp_path):
 
 @pytest.mark.parametrize("said,hint", [
     ("Error: remote port forwarding failed for listen port 1122", "stale session"),
-    ("root@vps: Permission denied (publickey).", "check identity_file"),
-    ("Host key verification failed.", "known_hosts"),
+    ("root@vps: Permission denied (publickey).", "the server refused the key for pi: check "
+     "user, and that the key's .pub line is in that user's ~/.ssh/authorized_keys"),
+    ("Host key verification failed.", "not in known_hosts yet: check its fingerprint "
+     "(ssh-keyscan -p 2222 vps | ssh-keygen -lf -), then accept it by logging in once by "
+     "hand: ssh -p 2222 pi@vps"),
     ("ssh: Could not resolve hostname vps: Name or service not known", "check host"),
     ("kex_exchange_identification: read: Connection reset by peer", None),
 ])
-def test_launch_failures_get_a_hint(said, hint):
-    text = ctunnel.explain_ssh_failure(said, 255)
+def test_launch_failures_get_a_hint(tmp_path, said, hint):
+    tunnel = make_tunnel(tmp_path, user="pi", port=2222)
+    text = ctunnel.explain_ssh_failure(tunnel, [said], 255)
     assert text.startswith(said)
     assert (hint in text) if hint else text == said
-    assert ctunnel.explain_ssh_failure("", 255) == "ssh exited 255 without a message"
+    assert ctunnel.explain_ssh_failure(tunnel, [], 255) == "ssh exited 255 without a message"
+
+
+def test_a_changed_host_key_is_its_own_loud_message(tmp_path):
+    tunnel = make_tunnel(tmp_path, port=2222)
+    lines = ["@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@",
+             "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
+             "Host key for [vps]:2222 has changed and you have requested strict checking.",
+             "Host key verification failed."]
+    text = ctunnel.explain_ssh_failure(tunnel, lines, 255)
+    assert "host key has CHANGED" in text and "may be an attack" in text
+    assert "ssh-keygen -R '[vps]:2222'" in text
+    assert "accept it by logging in" not in text
+
+
+@pytest.mark.parametrize("passphrase,expected", [("", False), ("secret", True)])
+def test_key_passphrase_is_read_from_the_key_file(tmp_path, passphrase, expected):
+    import subprocess
+    key = str(tmp_path / "k")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", key],
+                   check=True)
+    assert ctunnel.key_has_passphrase(key) is expected
+    assert ctunnel.key_has_passphrase(str(tmp_path / "missing")) is False
+
+
+def test_a_program_that_is_not_ssh_is_named(tmp_path):
+    tunnel = make_tunnel(tmp_path, ssh="/bin/ls")
+    text = ctunnel.explain_ssh_failure(tunnel, ["/bin/ls: invalid option -- 'f'",
+                                                "Try '/bin/ls --help' for more information."], 2)
+    assert text.startswith("/bin/ls is not OpenSSH's ssh client (it exited 2: Try")
 
 
 def test_a_tick_that_cannot_use_its_state_dir_says_so_in_one_line(tmp_path, capsys):
-    gone = make_tunnel(tmp_path / "vanished")          # state_dir removed after loading
+    (tmp_path / "file").write_text("")      # after loading, a file took the parent's name
+    gone = make_tunnel(tmp_path / "file" / "state")
     reporter = ctunnel.Reporter(stream=sys.stderr, syslog_path=str(tmp_path / "nolog"))
     args = ctunnel.parse_args([])
     assert ctunnel.cmd_check([gone], args, reporter) == 1
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 1 and "pi: [Errno 2] No such file or directory" in err[0]
+    assert len(err) == 1 and "pi: [Errno 20] Not a directory" in err[0]
 
 
 def test_an_older_protocol_checks_a_reverse_forward_with_nc_over_the_master(tmp_path, fake_ssh):
