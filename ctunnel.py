@@ -228,7 +228,7 @@ def read_config(path):
     parser = configparser.ConfigParser(interpolation=None, defaults=DEFAULTS,
                                        strict=True, empty_lines_in_values=False)
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:     # a BOM from a Windows editor
             parser.read_file(f)
     except OSError as e:
         raise ConfigError("%s: cannot read config: %s" % (path, e.strerror or e))
@@ -242,18 +242,27 @@ def read_config(path):
     return parser
 
 
-def load_config(path):
+def load_config(path, problems=None):
     """Load and validate every tunnel of the config at path.
 
     Returns a list of Tunnel. Raises ConfigError naming file, section and key.
+    With a problems dict, a bad section is put there ({name: message}) and
+    the others are still returned: one typo must not stop every tunnel.
     """
     parser = read_config(path)
     for key in parser.defaults():
         if key not in KNOWN_KEYS:
             raise ConfigError("%s [DEFAULT]: unknown key \"%s\" (known: %s)"
                               % (path, key, ", ".join(sorted(KNOWN_KEYS))))
-    tunnels = [_load_tunnel(path, name, parser[name]) for name in parser.sections()]
-    if not tunnels:
+    tunnels = []
+    for name in parser.sections():
+        try:
+            tunnels.append(_load_tunnel(path, name, parser[name]))
+        except ConfigError as e:
+            if problems is None:
+                raise
+            problems[name] = str(e)
+    if not tunnels and not problems:
         raise ConfigError("%s: no tunnels: add a [NAME] section with host and "
                           "remote_forward or local_forward" % path)
     return tunnels
@@ -278,9 +287,15 @@ def _load_tunnel(path, name, section):
             text = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
                                                  os.path.expanduser(text)))
         try:
+            if "\n" in text and key not in _MULTI_KEYS:
+                raise ValueError('has a second line "%s": is it indented by mistake? (an '
+                                 'indented line continues the key above)'
+                                 % text.splitlines()[1].strip())
             values[key] = parse(text)
         except ValueError as e:
-            raise ConfigError("%s: %s %s" % (where, key, e))
+            hint = " (a comment must be on a line of its own)" if re.search(r"\s[#;]", text) \
+                else ""
+            raise ConfigError("%s: %s %s%s" % (where, key, e, hint))
     forwards = values["remote_forward"] + values["local_forward"]
     if not forwards:
         raise ConfigError("%s: no forwards: set remote_forward or local_forward" % where)
@@ -397,6 +412,7 @@ def _state_dir(value, name):
 
 
 _PATH_KEYS = ("identity_file", "ssh_config", "ssh", "state_dir")
+_MULTI_KEYS = ("remote_forward", "local_forward", "ssh_options")
 _KEY_PARSERS = (
     ("host", _required_host),
     ("user", lambda text: parse_host(text, "user") if text else ""),
@@ -1568,6 +1584,7 @@ def _repair(tunnel, down, state, events, verbose, table):
             failure = "came up but %s: %s" % (after.check, after.detail)
     now = int(time.time())
     state.update(last_restart=now, last_reason=reason)
+    state.pop("stopped", None)
     if failure is None:
         events.append(_record_success(tunnel, state, first, reason, pid))
     else:
@@ -1640,11 +1657,11 @@ class Reporter:
         self.tty = self.stream.isatty()
         self.syslog_path = syslog_path or os.environ.get(SYSLOG_ENV, SYSLOG_PATH)
 
-    def event(self, level, text, stderr=True):
+    def event(self, level, text, stderr=True, stamp=True):
         """Report one event: syslog, and stderr unless told not (or quiet and no error)."""
         if (stderr or self.tty) and (not self.quiet or level <= LOG_ERR):
-            stamp = time.strftime("%Y/%m/%d %H:%M:%S")
-            self.stream.write("%s ctunnel[%d]: %s\n" % (stamp, os.getpid(), text))
+            prefix = "%s ctunnel[%d]: " % (time.strftime("%Y/%m/%d %H:%M:%S"), os.getpid())
+            self.stream.write("%s%s\n" % (prefix if stamp else "", text))
             self.stream.flush()
         if level < LOG_INFO:
             self._syslog(level, text)
@@ -1711,6 +1728,9 @@ def cmd_check(tunnels, args, reporter):
                                                  % (t.name, e.__class__.__name__, e))], [])
 
     healthy = True
+    if args.verbose:
+        reporter.event(LOG_INFO, "config %s; state_dir %s" % (args.config_path, ", ".join(
+            sorted({t.state_dir for t in tunnels}))))
     for outcome in for_each(tunnels, work):
         for event in outcome.events:
             reporter.event(event.level, event.text, event.stderr or args.verbose)
@@ -1723,8 +1743,12 @@ def describe_tunnel(tunnel, table=None):
     verdicts = run_ladder(tunnel, table=table)
     state = read_state(tunnel)
     pid = read_pidfile(tunnel) if verdicts[0].state == UP else None
+    if verdicts[0].detail == "not running" and state.get("stopped"):
+        verdicts[0] = verdicts[0]._replace(detail="stopped by `ctunnel.py stop` at %s; the "
+                                           "next tick starts it again" % _when(state["stopped"]))
     return {
         "name": tunnel.name,
+        "state_dir": tunnel.state_dir,
         "healthy": first_down(verdicts) is None,
         "pid": pid,
         "uptime": process_uptime(pid) if pid else None,
@@ -1744,8 +1768,9 @@ def cmd_status(tunnels, args, out):
     records = for_each(tunnels, lambda t: describe_tunnel(t, table))
     if args.json:
         import json
-        out.write(json.dumps({"tunnels": records}, indent=2) + "\n")
+        out.write(json.dumps({"config": args.config_path, "tunnels": records}, indent=2) + "\n")
     else:
+        out.write("config %s\n" % args.config_path)
         for r in records:
             out.write(_format_status(r))
     return EXIT_OK if all(r["healthy"] for r in records) else EXIT_DOWN
@@ -1757,13 +1782,20 @@ def _format_status(r):
         head += ", pid %d" % r["pid"]
         if r["uptime"] is not None:
             head += ", up %s" % _format_duration(r["uptime"])
-    lines = [head, "  host %s  %s" % (r["host"], "  ".join(r["forwards"]))]
+    lines = [head, "  host %s  %s" % (r["host"], "  ".join(r["forwards"])),
+             "  state_dir %s" % r["state_dir"]]
     lines += ["  %-20s %-11s %s" % (c["check"], c["verdict"], c["detail"]) for c in r["checks"]]
     if r["last_restart"]:
-        lines.append("  last (re)start %s: %s%s" % (
-            time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["last_restart"])),
-            r["last_reason"], ", failed: %s" % r["last_failure"] if r["last_failure"] else ""))
+        first = r["last_reason"] == "not running"
+        lines.append("  %s %s%s%s" % (
+            "started" if first else "last restart", _when(r["last_restart"]),
+            "" if first else ": %s" % r["last_reason"],
+            ", failed: %s" % r["last_failure"] if r["last_failure"] else ""))
     return "\n".join(lines) + "\n"
+
+
+def _when(timestamp):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
 
 
 def _format_duration(seconds):
@@ -1789,6 +1821,9 @@ def cmd_stop(tunnels, args, reporter):
             continue
         try:
             stopped = stop_tunnel(t)
+            state = read_state(t)
+            state["stopped"] = int(time.time())      # for status: stopped on purpose
+            write_state(t, state)
         finally:
             lock.release()
         if stopped:
@@ -1823,7 +1858,7 @@ FLAGS = {"-n": "dry_run", "--dry-run": "dry_run", "-v": "verbose", "--verbose": 
 
 class Args:
     """The parsed command line."""
-    command, names, config = "check", (), None
+    command, names, config, config_path = "check", (), None, None
     dry_run = verbose = quiet = json = help = version = False
 
 
@@ -1862,14 +1897,20 @@ def parse_args(argv=None):
     return args
 
 
-def select_tunnels(tunnels, names, path):
-    """Return the tunnels named (all when none), or raise UsageError."""
+def select_tunnels(tunnels, names, path, bad=()):
+    """Return the tunnels named (all when none), or raise UsageError.
+
+    A name in bad (a section with a config error, already reported) is left out.
+    """
+    if not names:
+        return tunnels
     by_name = {t.name: t for t in tunnels}
+    names = [n for n in names if n not in bad]
     unknown = [n for n in names if n not in by_name]
     if unknown:
         raise UsageError('no tunnel named "%s" in %s (have: %s; commands: %s)'
                          % (unknown[0], path, ", ".join(sorted(by_name)), ", ".join(COMMANDS)))
-    return [by_name[n] for n in names] if names else tunnels
+    return [by_name[n] for n in names]
 
 
 def main(argv=None):
@@ -1882,23 +1923,33 @@ def main(argv=None):
         sys.stdout.write(__doc__ if args.help else "ctunnel %s\n" % __version__)
         return EXIT_OK
     reporter = Reporter(quiet=args.quiet)
+    problems = {}
     try:
         path = find_config(args.config)
-        tunnels = select_tunnels(load_config(path), args.names, path)
+        tunnels = load_config(path, problems)
+        for name in sorted(problems):           # every tick: cron mails it until fixed
+            reporter.event(LOG_ERR, "ctunnel: %s" % problems[name], stamp=False)
+        tunnels = select_tunnels(tunnels, args.names, path, problems)
+        args.config_path = path
     except CtunnelError as e:
         sys.stderr.write("ctunnel: %s\n" % e)
         return EXIT_USAGE
     try:
-        if args.dry_run:
-            return cmd_dry_run(tunnels, sys.stdout)
-        if args.command == "status":
-            return cmd_status(tunnels, args, sys.stdout)
-        if args.command == "stop":
-            return cmd_stop(tunnels, args, reporter)
-        return cmd_check(tunnels, args, reporter)
+        status = run_command(args, tunnels, reporter) if tunnels else EXIT_OK
     except OSError as e:      # e.g. state_dir removed after loading: one line, no traceback
         sys.stderr.write("ctunnel: %s\n" % e)
-        return EXIT_DOWN
+        status = EXIT_DOWN
+    return EXIT_USAGE if problems else status
+
+
+def run_command(args, tunnels, reporter):
+    if args.dry_run:
+        return cmd_dry_run(tunnels, sys.stdout)
+    if args.command == "status":
+        return cmd_status(tunnels, args, sys.stdout)
+    if args.command == "stop":
+        return cmd_stop(tunnels, args, reporter)
+    return cmd_check(tunnels, args, reporter)
 
 
 if __name__ == "__main__":

@@ -419,3 +419,30 @@ def make_rig():
 @pytest.fixture
 def rig(sshd, make_rig):
     return make_rig(sshd)
+
+
+# --- the real HOME stays untouched ---------------------------------------------
+
+WATCHED = ("~/.local/state/ctunnel", "~/.config/ctunnel", "~/.ssh")
+
+
+def _home_snapshot():
+    snapshot = {}
+    for path in map(os.path.expanduser, WATCHED):
+        for top, dirs, files in os.walk(path):
+            for name in [top] + [os.path.join(top, f) for f in files]:
+                try:
+                    snapshot[name] = os.stat(name).st_mtime_ns
+                except OSError:
+                    pass
+    return snapshot
+
+
+@pytest.fixture(scope="session", autouse=True)
+def real_home_untouched():
+    """Tests write only in their own temp dirs: fail the run if they changed HOME."""
+    before = _home_snapshot()
+    yield
+    after = _home_snapshot()
+    assert after == before, "the tests changed the real HOME: %s" % sorted(
+        set(after.items()) ^ set(before.items()))

@@ -77,6 +77,10 @@ BAD_CONFIGS = [
      ['state_dir "/etc/hostname/sub" cannot be created']),
     ("state_dir too long", "[pi]\n{good|state_dir=/tmp/%s}" % ("d" * 120), ["too long"]),
     ("bad name", "[my tunnel]\n{good}", ['tunnel name "my tunnel"']),
+    ("indented key", "[pi]\n{good}port = 22\n  user = pi\n",
+     ['port has a second line "user = pi": is it indented by mistake?']),
+    ("inline comment", "[pi]\n{good}port = 22 # the default\n",
+     ['port "22 # the default" is not a port', "a comment must be on a line of its own"]),
 ]
 
 
@@ -104,6 +108,13 @@ def test_missing_config_file(tmp_path):
     assert result.returncode == 2
     assert result.stderr == "ctunnel: %s: cannot read config: No such file or directory\n" \
         % (tmp_path / "nope.conf")
+
+
+def test_a_byte_order_mark_is_no_problem(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_bytes(b"\xef\xbb\xbf" + ("[pi]\n" + good_section(tmp_path, keyfile)).encode())
+    result = run("-c", str(conf), "-n")
+    assert result.returncode == 0, result.stderr
 
 
 def test_binary_config_file(tmp_path):
@@ -166,7 +177,8 @@ def test_options_may_follow_the_command_and_names(tmp_path, keyfile):
     for argv in (["status", "--json", "pi"], ["status", "pi", "--json"],
                  ["--json", "status", "pi"]):
         result = run("-c", str(conf), *argv)
-        assert result.returncode == 1 and result.stdout.startswith('{\n  "tunnels"'), argv
+        assert result.returncode == 1 and result.stdout.startswith('{\n  "config": "%s"'
+                                                                 % conf), argv
 
 
 def test_usage_errors_exit_2_and_help_exits_0():

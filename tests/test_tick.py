@@ -176,6 +176,10 @@ def test_stop_and_status_tell_the_truth(rig, service):
     assert isinstance(record["uptime"], int)
     human = rig.run("status")
     assert human.returncode == 0 and "pi: healthy, pid %d" % pid in human.stdout
+    assert human.stdout.startswith("config %s\n" % rig.conf)
+    assert "  state_dir %s\n" % os.path.join(rig.state_dir, "state") in human.stdout
+    assert re.search(r"\n  started \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n", human.stdout), human.stdout
+    assert "not running" not in human.stdout
 
     stop = rig.run("stop")
     assert stop.returncode == 0
@@ -186,7 +190,12 @@ def test_stop_and_status_tell_the_truth(rig, service):
     assert not port_accepts(local)
     after = json.loads(rig.run("status", "--json").stdout)["tunnels"][0]
     assert (after["healthy"], after["pid"]) == (False, None)
+    assert re.match(r"stopped by `ctunnel.py stop` at [-0-9: ]+; the next tick starts it again$",
+                    after["checks"][0]["detail"]), after["checks"][0]
     assert rig.ssh_pids() == []
+    restart = rig.run()
+    assert "pi: started (pid" in restart.stderr
+    assert "stopped by" not in rig.run("status").stdout
 
 
 def test_tick_runs_under_crons_bare_environment(rig, service, tmp_path):
@@ -518,3 +527,32 @@ def test_at_a_terminal_every_failure_is_printed(rig, service):
         assert b"pi: start failed" in said and b"Permission denied" in said, (attempt, said)
     # without a terminal, the same failure again is not printed (cron mail)
     assert rig.run().stderr == ""
+
+
+def test_a_bad_section_does_not_stop_the_good_tunnels(rig, service):
+    """A typo in [new-one]: reported every tick with exit 2, while pi is still
+    started, repaired and stoppable."""
+    remote = free_port()
+    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+    with open(rig.conf, "a") as f:
+        f.write("\n[new-one]\nhost = 127.0.0.1\nremote_forward = 1122-127.0.0.1-22\n")
+    bad = '[new-one]: remote_forward "1122-127.0.0.1-22" is not [bind:]port:host:hostport'
+    first = rig.run()
+    assert first.returncode == 2
+    lines = first.stderr.splitlines()
+    assert len(lines) == 2 and lines[0] == "ctunnel: %s %s" % (rig.conf, bad)
+    assert "pi: started" in lines[1]
+    assert connect_read(remote) == service.greeting
+    old = rig.pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old), what="ssh to die")
+    again = rig.run()
+    assert again.returncode == 2 and bad in again.stderr          # said every tick
+    assert "pi: restarted (process %d gone" % old in again.stderr
+    assert connect_read(remote) == service.greeting
+    status = rig.run("status", "pi")
+    assert status.returncode == 2 and "pi: healthy" in status.stdout
+    assert rig.run("status", "new-one").stdout == ""
+    stop = rig.run("stop", "pi")
+    assert stop.returncode == 2 and "pi: stopped" in stop.stderr
+    assert rig.ssh_pids() == []
