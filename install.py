@@ -4,19 +4,21 @@
 usage: python3 install.py                 (asks; defaults in [brackets])
        python3 install.py --yes --host vps.example.com --remote-forward 1122:127.0.0.1:22
 
-It asks for the server, the forwards and the key, then:
+It asks for the server (and checks at once that it answers), the forwards
+and the key (one per tunnel), then:
   1. makes sure the server's host key is known (shows its fingerprint first)
   2. makes a dedicated ed25519 key without passphrase, if asked to
   3. installs the public key on the server (ssh-copy-id) and proves that a
      non-interactive login works
-  4. checks the server: is nc there, are the reverse ports free
+  4. checks that the server's reverse ports are free
   5. writes the tunnel's section into the config (atomically, mode 0600,
      keeping the other tunnels and their comments)
   6. adds the crontab line, once
   7. prints the settings the server needs, then runs one tick and shows status
 
 Every answer has a flag; with --yes nothing is asked, and a missing required
-answer exits 2 naming its flag.
+answer exits 2 naming its flag. A tunnel of the same name in the config is
+replaced only after a yes, or with --replace.
 
 exit status:
   0    the tunnel is set up and up
@@ -40,11 +42,12 @@ sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import ctunnel  # noqa: E402  (beside this file; its parsing and validation are reused)
 
 CTUNNEL_PY = os.path.join(os.path.dirname(os.path.realpath(__file__)), "ctunnel.py")
-DEFAULT_KEY = "~/.ssh/ctunnel_ed25519"
+DEFAULT_KEY = "~/.ssh/ctunnel_%s_ed25519"     # one key per tunnel, by its name
 DEFAULT_REMOTE_PORT = "1122"
 DEFAULT_TARGET = "127.0.0.1:22"
 CRON_COMMENT = "# ctunnel: check the SSH tunnels every minute (added by install.py)"
 PORT_CHECK_TIMEOUT = 3    # seconds a free port takes to refuse at most
+REACH_TIMEOUT = 5         # seconds the server's ssh port may take to answer
 SSH_TIMEOUT = 20          # seconds for one non-interactive ssh to the server
 LOOPBACK_BINDS = ("", "localhost", "127.0.0.1", "[::1]")
 
@@ -133,7 +136,10 @@ class Asker:
 
 def parse_target(text):
     """host:port on this side of a reverse forward (e.g. 127.0.0.1:22)."""
-    return ctunnel.parse_forward("1:" + text.strip()).spec[2:]
+    try:
+        return ctunnel.parse_forward("1:" + text.strip()).spec[2:]
+    except ValueError:
+        raise ValueError('"%s" is not host:port (e.g. 127.0.0.1:22)' % text.strip())
 
 
 def parse_forward_or_empty(text):
@@ -181,9 +187,25 @@ def default_config_path():
     return next((p for p in candidates if os.path.exists(p)), candidates[0])
 
 
-def default_name(host):
+def default_name(host, taken=()):
+    """A name from the host, made unique among the tunnels already configured."""
     label = re.sub(r"[^A-Za-z0-9_-]", "-", host.split(".")[0]) or "tunnel"
-    return label if ctunnel._NAME_RE.match(label) else "tunnel"
+    label = label if ctunnel._NAME_RE.match(label) else "tunnel"
+    name, n = label, 1
+    while name in taken:
+        n += 1
+        name = "%s-%d" % (label, n)
+    return name
+
+
+def configured_tunnels(path):
+    """The tunnels of the config at path, by name ({} if none or unreadable)."""
+    if not path or not os.path.exists(path):
+        return {}
+    try:
+        return {t.name: t for t in ctunnel.load_config(path, problems={})}
+    except ctunnel.ConfigError:
+        return {}
 
 
 def local_user():
@@ -196,25 +218,79 @@ def local_user():
 
 def ask_plan(args, asker):
     """Ask everything that needs no network; return the answers as a Namespace."""
-    p = argparse.Namespace(ssh_config=args.ssh_config)
+    p = argparse.Namespace(ssh_config=args.ssh_config, replaced=set())
     asker.say("ctunnel setup: a tunnel from this box to an ssh server, kept up by cron.\n")
-    p.host = asker.ask("ssh server (name, IP or ssh_config alias)", parse=ctunnel.parse_host,
-                       preset=args.host, flag="--host")
-    p.port = asker.ask("its ssh port", "22", ctunnel.parse_port, args.port, "--port")
+    while True:
+        p.host = asker.ask("ssh server (name, IP or ssh_config alias)",
+                           parse=ctunnel.parse_host, preset=args.host, flag="--host")
+        p.port = asker.ask("its ssh port", "22", ctunnel.parse_port, args.port, "--port")
+        if not asker.interactive or args.host is not None:
+            break                   # checked once every flag is known to be good
+        problem = unreachable(p)
+        if not problem:
+            break
+        asker.say("  %s; try again." % problem)
     p.user = asker.ask("login user on the server", local_user(),
                        lambda s: ctunnel.parse_host(s, "user"), args.user, "--user")
-    p.name = asker.ask("name of this tunnel", default_name(p.host), ctunnel.parse_tunnel_name,
-                       args.name, "--name")
+    p.config = args.config or default_config_path()     # asked below; known for the name
+    taken = configured_tunnels(p.config)
+    p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
+                       ctunnel.parse_tunnel_name, args.name, "--name")
+    confirm_replace(p, args, asker)
     p.remote, p.local = ask_forwards(args, asker)
     if asker.interactive and args.identity_file is None:
         asker.say("\n" + KEY_WHY)
-    p.key = asker.ask("key file, existing or to be created", DEFAULT_KEY, parse_key_path,
-                      args.identity_file, "--identity-file")
-    p.config = asker.ask("write the config to", default_config_path(), parse_config_path,
+    p.key = asker.ask("key file, existing or to be created", DEFAULT_KEY % p.name,
+                      parse_key_path, args.identity_file, "--identity-file")
+    p.config = asker.ask("write the config to", p.config, parse_config_path,
                          args.config, "--config")
-    p.cron = asker.confirm("add the crontab line that checks the tunnel every minute?",
-                           True, args.cron)
+    confirm_replace(p, args, asker)             # again, if another file was chosen
+    p.cron = False
+    if shutil.which("crontab"):
+        p.cron = asker.confirm("add the crontab line that checks the tunnel every minute?",
+                               True, args.cron)
+    elif args.cron:
+        raise Abort("--cron: there is no crontab program here (see cron/ for systemd)", 2)
     return p
+
+
+def confirm_replace(p, args, asker):
+    """A tunnel of the same name is replaced only when the user says so."""
+    while p.name in configured_tunnels(p.config) and p.name not in p.replaced:
+        old = configured_tunnels(p.config)[p.name]
+        what = "[%s] is in %s already (%s, %s)" % (
+            p.name, p.config, old.host, " ".join("-%s %s" % (f.kind, f.spec)
+                                                 for f in old.forwards))
+        if args.replace or (asker.interactive and asker.confirm(
+                "%s. Replace it?" % what, False)):
+            p.replaced.add(p.name)
+            return
+        if not asker.interactive or args.name is not None:
+            raise Abort("%s; give --replace to replace it, or another --name" % what, 2)
+        taken = configured_tunnels(p.config)
+        p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
+                           ctunnel.parse_tunnel_name)
+
+
+def unreachable(plan):
+    """Why the server's ssh port cannot be reached, in words; None if it answers."""
+    try:
+        host = resolved_ssh(plan)["hostname"]
+    except Abort as e:
+        return str(e)
+    split = re.match(r"^([^:]+):(\d+)$", host)
+    try:
+        socket.create_connection((host, plan.port), timeout=REACH_TIMEOUT).close()
+    except socket.gaierror:
+        hint = " (did you mean server %s, port %s?)" % split.groups() if split else ""
+        return "the name %s does not resolve%s" % (host, hint)
+    except ConnectionRefusedError:
+        return "%s refused a connection on port %d: nothing listens there" % (host, plan.port)
+    except socket.timeout:
+        return "no answer from %s port %d within %ds" % (host, plan.port, REACH_TIMEOUT)
+    except OSError as e:
+        return "cannot reach %s port %d: %s" % (host, plan.port, e.strerror or e)
+    return None
 
 
 def ask_forwards(args, asker):
@@ -286,11 +362,13 @@ def ssh_run(plan, *command):
 def resolved_ssh(plan):
     """What ssh makes of host/port/user (ssh -G): a dict of lowercase keys."""
     argv = ["ssh", "-G"] + (["-F", plan.ssh_config] if plan.ssh_config else []) + \
-        ["-p", str(plan.port), "-l", plan.user, "--", plan.host]
+        ["-p", str(plan.port)] + (["-l", plan.user] if getattr(plan, "user", None) else []) + \
+        ["--", plan.host]
     proc = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=SSH_TIMEOUT)
     if proc.returncode != 0:
-        raise Abort("ssh cannot use these settings: %s" % proc.stderr.strip())
+        raise Abort("ssh cannot use these settings: %s"
+                    % (proc.stderr.strip().splitlines() or ["exit %d" % proc.returncode])[-1])
     settings = {}
     for line in proc.stdout.splitlines():
         key, _, value = line.partition(" ")
@@ -314,9 +392,9 @@ def ensure_host_key(plan, asker, accept):
                           timeout=SSH_TIMEOUT)
     lines = [l for l in scan.stdout.splitlines() if l and not l.startswith("#")]
     if not lines:
-        raise Abort("cannot reach %s port %s to read its host key: %s"
-                    % (s["hostname"], port, scan.stderr.strip().splitlines()[-1:]
-                       or "no answer"))
+        said = scan.stderr.strip().splitlines()
+        raise Abort("cannot read the host key of %s port %s: %s"
+                    % (s["hostname"], port, said[-1] if said else "no answer"))
     if host != s["hostname"] or port != "22":
         lines = [entry + " " + l.split(None, 1)[1] for l in lines]
     with tempfile.NamedTemporaryFile("w", suffix=".pub") as tmp:
@@ -357,6 +435,8 @@ def install_key(plan, asker, preset):
                          "for your password there)?", True, preset):
         return
     batch = [] if asker.interactive else ["-o", "BatchMode=yes"]
+    # ssh-copy-id keeps its temp files in ~/.ssh: a fresh box may have none
+    os.makedirs(os.path.expanduser("~/.ssh"), mode=0o700, exist_ok=True)
     if shutil.which("ssh-copy-id"):
         argv = ["ssh-copy-id", "-i", plan.key + ".pub", "-p", str(plan.port)] + \
             (["-F", plan.ssh_config] if plan.ssh_config else []) + batch + \
@@ -368,10 +448,14 @@ def install_key(plan, asker, preset):
             ["--", plan.host, "umask 077; mkdir -p .ssh && cat >> .ssh/authorized_keys"]
         stdin = open(plan.key + ".pub")
     try:
-        subprocess.run(argv, stdin=stdin)
+        done = subprocess.run(argv, stdin=stdin, stderr=subprocess.PIPE, text=True)
     finally:
         if stdin is not None and stdin is not subprocess.DEVNULL:
             stdin.close()
+    if done.returncode != 0:
+        said = [l for l in done.stderr.splitlines() if l.strip()]
+        raise Abort("%s failed (exit %d): %s" % (os.path.basename(argv[0]), done.returncode,
+                                                  said[-1] if said else "no message"))
 
 
 def prove_login(plan):
@@ -535,6 +619,12 @@ def server_advice(plan):
     """The server-side settings this setup needs, with why, as text."""
     remote = [ctunnel.parse_forward(s) for s in plan.remote]
     local = [ctunnel.parse_forward(s, "L") for s in plan.local]
+    # a key shared with other tunnels to the same account must allow their ports too
+    sharing = [t for t in configured_tunnels(getattr(plan, "config", None)).values()
+               if t.name != plan.name and t.identity_file == plan.key and
+               t.host == plan.host and t.user in ("", plan.user)]
+    remote += [f for t in sharing for f in t.forwards if f.kind == "R"]
+    local += [f for t in sharing for f in t.forwards if f.kind == "L"]
     out = ["", "On the server, as root: in /etc/ssh/sshd_config, then reload sshd:",
            "    ClientAliveInterval 10", "    ClientAliveCountMax 3",
            "  Why: a box that loses power or its line sends no TCP reset. Without these the",
@@ -558,6 +648,9 @@ def server_advice(plan):
                 remote, local),
             "  Forbids: a terminal, agent and X11 forwarding, ~/.ssh/rc%s." %
             (", listening on any other port" if remote else "")]
+    if sharing:
+        out += ["  This key is also used by %s: the line allows their forwards too, or "
+                "those tunnels would stop." % ", ".join("[%s]" % t.name for t in sharing)]
     if not local:
         out += ["  Note: it does not limit connections opened from the server side (ssh -L);"
                 " add permitopen=\"host:port\" entries if you want that too."]
@@ -589,7 +682,7 @@ def parse_args(argv):
     parser.add_argument("--local-forward", action="append", metavar="SPEC",
                         help="local forward [bind:]port:host:hostport (repeatable)")
     parser.add_argument("--identity-file", help="key to use, made if missing (default %s)"
-                        % DEFAULT_KEY)
+                        % (DEFAULT_KEY % "NAME"))
     parser.add_argument("--ssh-config", help="ssh_config file for ssh -F (default: none)")
     parser.add_argument("--config", help="config file to write (default: where ctunnel.py "
                         "looks first)")
@@ -604,6 +697,8 @@ def parse_args(argv):
                         help="trust the server's host key if it is new (check it first)")
     parser.add_argument("--yes", action="store_true",
                         help="ask nothing: take flags, then defaults")
+    parser.add_argument("--replace", action="store_true",
+                        help="replace a tunnel of the same name in the config")
     args = parser.parse_args(argv)
     if args.ssh_config:
         args.ssh_config = os.path.abspath(os.path.expanduser(args.ssh_config))
@@ -615,6 +710,9 @@ def parse_args(argv):
 def setup(args, asker):
     plan = ask_plan(args, asker)
     asker.say("")
+    problem = unreachable(plan)
+    if problem:
+        raise Abort(problem)
     ensure_host_key(plan, asker, args.accept_host_key)
     ensure_key(plan, asker)
     install_key(plan, asker, args.install_key)

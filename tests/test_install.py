@@ -184,7 +184,7 @@ def test_wizard_from_fresh_box_to_bytes_flowing(box, service):
     t.answer(r"another reverse forward .*\(empty: done\): ", "")
     t.answer(r"local forward .*\(empty: none\): ", "")
     t.expect(r"cron cannot\s+type one")
-    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_ed25519\]: ", "")
+    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_pi_ed25519\]: ", "")
     t.answer(r"write the config to \[.*\]: ", box.config)
     t.answer(r"add the crontab line .*\? \[Y/n\]: ", "y")
     t.expect(r"is not in known_hosts yet")
@@ -202,7 +202,7 @@ def test_wizard_from_fresh_box_to_bytes_flowing(box, service):
     t.expect(r"pi: healthy, pid \d+")
     assert t.wait() == 0, t.seen
 
-    key = os.path.join(box.home, ".ssh", "ctunnel_ed25519")
+    key = os.path.join(box.home, ".ssh", "ctunnel_pi_ed25519")
     assert open(key + ".pub").read().split()[1] in box.authorized()
     assert stat.S_IMODE(os.stat(box.config).st_mode) == 0o600
     (tunnel,) = ctunnel.load_config(box.config)
@@ -269,10 +269,16 @@ def test_non_interactive_second_run_adds_a_tunnel_and_keeps_the_first(box, servi
     assert connect_read(remote) == service.greeting
     assert open(box.crontab).read().count("ctunnel.py") == 1
 
-    # run again with a changed forward: [cam] is replaced, the rest kept, cron not doubled
+    # run again with a changed forward: [cam] is replaced only with --replace
     remote2 = free_port()
     args[args.index("--remote-forward") + 1] = "%d:127.0.0.1:%d" % (remote2, service.port)
-    again = box.run(*args)
+    refused = box.run(*args)
+    assert refused.returncode == 2
+    assert ("[cam] is in %s already (127.0.0.1, -R %d:127.0.0.1:%d); give --replace to "
+            "replace it, or another --name" % (box.config, remote, service.port)) \
+        in refused.stderr
+    assert "%d:127.0.0.1" % remote in open(box.config).read()
+    again = box.run(*(args + ["--replace"]))
     assert "The crontab line is there already." in again.stdout
     text = open(box.config).read()
     assert text.startswith(first_section) and text.count("[cam]") == 1
@@ -321,8 +327,8 @@ def test_login_that_does_not_work_says_what_to_fix(box):
         env=env_no_agent, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
-    assert "a non-interactive login with" in last and "Permission denied" in last
-    assert "authorized_keys" in last
+    assert last.startswith("install.py: ssh-copy-id failed (exit 1): ")
+    assert "Permission denied" in last
     assert not os.path.exists(box.config)
 
 
@@ -391,7 +397,7 @@ def test_key_is_installed_over_ssh_when_there_is_no_ssh_copy_id(box, service):
          "--config", box.config, "--accept-host-key"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    key = os.path.join(box.home, ".ssh", "ctunnel_ed25519.pub")
+    key = os.path.join(box.home, ".ssh", "ctunnel_127_ed25519.pub")
     assert open(key).read().split()[1] in box.authorized()
     assert connect_read(remote) == service.greeting
     assert not os.path.exists(box.crontab)
@@ -455,3 +461,84 @@ def test_a_failing_tool_is_one_line_not_a_traceback(box):
     assert line.startswith("install.py: ") and "/proc/no-such-dir" in line
     assert line.endswith("; the config was not written")
     assert not os.path.exists(box.config)
+
+
+def test_second_tunnel_through_the_wizard_never_replaces_silently(box, service):
+    """A second run against the same server: a free default name and a key of its own;
+    naming the first tunnel asks before replacing it. No crontab program: not asked."""
+    first = free_port()
+    result = run_yes(box, first, service)
+    assert result.returncode == 0, result.stdout + result.stderr
+    only = os.path.join(box.tmp, "no-crontab")
+    os.makedirs(only)
+    for tool in ("ssh", "ssh-keygen", "ssh-keyscan", "ssh-copy-id", "sh", "cat", "mkdir",
+                 "mktemp", "rm", "grep", "sed", "tr", "head", "tail", "wc", "cut", "id",
+                 "dirname", "basename", "printf", "ls", "chmod", "cp", "sort", "tee",
+                 "awk", "expr", "mv"):
+        if shutil.which(tool):
+            os.symlink(shutil.which(tool), os.path.join(only, tool))
+    env = dict(box.env, PATH=only)
+    second = free_port()
+    t = Terminal([sys.executable, INSTALL] + box.flags() + ["--config", box.config], env)
+    t.answer(r"ssh server .*: ", "127.0.0.1")
+    t.answer(r"its ssh port \[22\]: ", str(box.server.port))
+    t.answer(r"login user on the server .*: ", "")
+    t.answer(r"name of this tunnel \[127-2\]: ", "127")        # the first tunnel's name
+    t.answer(r"\[127\] is in %s already \(127.0.0.1, -R %d:127.0.0.1:%d\)\. Replace it\? "
+             r"\[y/N\]: " % (re.escape(box.config), first, service.port), "")
+    t.answer(r"name of this tunnel \[127-2\]: ", "")
+    t.answer(r"reverse forward\)\? \[Y/n\]: ", "")
+    t.answer(r"port on the server \[1122\]: ", str(second))
+    t.answer(r"leads to host:port on this side \[127.0.0.1:22\]: ", "127.0.0.1:%d" % service.port)
+    t.answer(r"another reverse forward .*: ", "")
+    t.answer(r"local forward .*: ", "")
+    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_127-2_ed25519\]: ", "")
+    t.answer(r"install the public key on the server now .*\? \[Y/n\]: ", "")
+    t.expect(r"Wrote \[127-2\] to ")
+    t.expect(r"127-2: started")
+    assert t.wait() == 0, t.seen
+    assert "crontab" not in t.seen
+    tunnels = ctunnel.load_config(box.config)
+    assert [x.name for x in tunnels] == ["127", "127-2"]
+    assert tunnels[0].identity_file != tunnels[1].identity_file        # a key each
+    assert connect_read(first) == service.greeting
+    assert connect_read(second) == service.greeting
+
+
+def test_a_typo_in_the_host_or_a_closed_port_is_asked_again_at_once(box):
+    closed = free_port()
+    t = wizard(box, "--config", box.config)
+    t.answer(r"ssh server .*: ", "127.0.0.1:%d" % box.server.port)
+    t.answer(r"its ssh port \[22\]: ", "")
+    t.expect(r"the name 127.0.0.1:%d does not resolve \(did you mean server 127.0.0.1, "
+             r"port %d\?\); try again." % (box.server.port, box.server.port))
+    t.answer(r"ssh server .*: ", "127.0.0.1")
+    t.answer(r"its ssh port \[22\]: ", str(closed))
+    t.expect(r"127.0.0.1 refused a connection on port %d: nothing listens there; try again."
+             % closed)
+    t.answer(r"ssh server .*: ", "127.0.0.1")
+    t.answer(r"its ssh port \[22\]: ", str(box.server.port))
+    t.expect(r"login user on the server .*: ")
+    t.send(b"\x04")
+    assert t.wait() == 1
+    assert "[" not in t.seen.replace("[22]", "").replace("[%s]" % box.server.user, "")
+
+
+def test_a_shared_key_gets_advice_for_every_tunnel_it_serves(box, service):
+    first, second = free_port(), free_port()
+    assert run_yes(box, first, service).returncode == 0
+    key = os.path.join(box.home, ".ssh", "ctunnel_127_ed25519")
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--name", "cam", "--identity-file", key,
+                     "--remote-forward", "%d:127.0.0.1:%d" % (second, service.port),
+                     "--config", box.config, "--no-cron", "--accept-host-key")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert ('permitlisten="127.0.0.1:%d",permitlisten="127.0.0.1:%d"' % (second, first)) \
+        in result.stdout
+    assert "This key is also used by [127]" in result.stdout
+
+
+def test_a_bad_target_answer_is_shown_as_typed():
+    with pytest.raises(ValueError) as e:
+        install.parse_target("49731")
+    assert str(e.value) == '"49731" is not host:port (e.g. 127.0.0.1:22)'
