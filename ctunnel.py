@@ -44,8 +44,8 @@ crontab:
   * * * * * /path/to/ctunnel.py
 """
 
-import configparser
 import _thread
+import configparser
 import errno
 import fcntl
 import math
@@ -54,6 +54,7 @@ import re
 import select
 import signal
 import socket
+import stat
 import sys
 import time
 from collections import namedtuple
@@ -101,6 +102,10 @@ CTL_TEMP_SUFFIX = 17        # ssh binds NAME.ctl.XXXXXXXXXXXXXXXX first, then re
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
 PARALLEL = 32               # tunnels checked at once (a thread each)
 STATE_MAX = 65536           # bytes read of a state file at most
+CONFIG_MAX = 1 << 20        # bytes a config may have
+LOG_MAX = 1 << 20           # NAME.log is cut back to LOG_KEEP bytes past this size
+LOG_KEEP = 65536
+CMDLINE_MAX = 65536         # bytes of a /proc/PID/cmdline read at most
 REPEAT_FAILURE_AFTER = 3600 # seconds before an unchanged failure is printed again
 
 # syslog severities (RFC 5424), facility "user"
@@ -116,6 +121,7 @@ _FORWARD_RE = re.compile(r"^(?:%s:)?(\d+):%s:(\d+)$" % (_ADDR, _ADDR))
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _OPTION_RE = re.compile(r"^[A-Za-z][A-Za-z0-9]*=\S.*$")
 _WILDCARD_BINDS = ("", "*", "0.0.0.0", "localhost")
+_CONTROL_RE = re.compile("[\x00-\x1f\x7f-\x9f]")
 
 
 # ---------------------------------------------------------------------------
@@ -224,12 +230,16 @@ def find_config(explicit=None, environ=None, script=__file__):
 
 
 def read_config(path):
-    """Read an ini file strictly into a ConfigParser, or raise ConfigError."""
+    """Read an ini file strictly into a ConfigParser, or raise ConfigError.
+
+    The config is trusted as ssh trusts ~/.ssh/config (its ssh_options may
+    name a ProxyCommand): it must be a regular file of this user or root
+    that nobody else may write.
+    """
     parser = configparser.ConfigParser(interpolation=None, defaults=DEFAULTS,
                                        strict=True, empty_lines_in_values=False)
     try:
-        with open(path, encoding="utf-8-sig") as f:     # a BOM from a Windows editor
-            parser.read_file(f)
+        parser.read_string(read_trusted(path, CONFIG_MAX).decode("utf-8-sig"))
     except OSError as e:
         raise ConfigError("%s: cannot read config: %s" % (path, e.strerror or e))
     except UnicodeDecodeError:
@@ -240,6 +250,38 @@ def read_config(path):
                        str(e).splitlines()[0])
         raise ConfigError("%s: malformed config: %s" % (path, first))
     return parser
+
+
+def read_trusted(path, limit):
+    """Return the bytes of a file that only this user (or root) may write.
+
+    Opened without blocking (a FIFO cannot hang the tick), then checked on
+    the open file itself. Raises ConfigError naming the fix, or OSError.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError("%s: not a regular file" % path)
+        problem = untrusted(st)
+        if problem:
+            raise ConfigError("%s: %s" % (path, problem % {"path": path}))
+        if st.st_size > limit:
+            raise ConfigError("%s: %d bytes is too big for a config (at most %d)"
+                              % (path, st.st_size, limit))
+        return os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
+
+
+def untrusted(st):
+    """Why a file or folder with this stat may not be trusted (a % template), or None."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return "owned by uid %d, not by this user or root (chown %d %%(path)s)" \
+            % (st.st_uid, os.geteuid())
+    if st.st_mode & 0o022:
+        return "group or others may write it (chmod go-w %(path)s)"
+    return None
 
 
 def load_config(path, problems=None):
@@ -272,6 +314,8 @@ def _load_tunnel(path, name, section):
     """Validate one section into a Tunnel: each key through its parser."""
     where = "%s [%s]" % (path, name)
     try:
+        if name != name.strip():
+            raise ValueError('tunnel name "%s" has blanks around it' % name)
         parse_tunnel_name(name)
     except ValueError as e:
         raise ConfigError("%s: %s" % (where, e))
@@ -287,6 +331,8 @@ def _load_tunnel(path, name, section):
             text = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
                                                  os.path.expanduser(text)))
         try:
+            if re.search("[\x00-\x08\x0b-\x1f\x7f]", text):
+                raise ValueError("contains a control character (%r)" % text)
             if "\n" in text and key not in _MULTI_KEYS:
                 raise ValueError('has a second line "%s": is it indented by mistake? (an '
                                  'indented line continues the key above)'
@@ -400,6 +446,10 @@ def _state_dir(value, name):
         raise ValueError('"%s" is too long: the control socket %s, plus the %d bytes ssh adds '
                          'while it creates it, must stay under %d bytes'
                          % (value, ctl, CTL_TEMP_SUFFIX, SOCKET_PATH_MAX))
+    if os.path.isdir(path):
+        problem = untrusted(os.stat(path))
+        if problem:
+            raise ValueError('"%s" is %s' % (value, problem % {"path": path}))
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)
@@ -693,22 +743,61 @@ class MuxClient:
 # Processes and state files
 # ---------------------------------------------------------------------------
 
-def read_pidfile(tunnel):
-    """Return the PID in the tunnel's pidfile, or None."""
+def make_state_dir(tunnel):
+    """Create state_dir (0700) if need be, and refuse one that others control."""
+    os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
+    problem = untrusted(os.stat(tunnel.state_dir))
+    if problem:
+        raise OSError(errno.EPERM, "state_dir %s" % problem % {"path": tunnel.state_dir})
+
+
+def _read_state_file(path, limit, start=None):
+    """Read at most limit bytes of a file in state_dir: never through a symlink.
+
+    start: read from there; negative counts from the end (a log's last words).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
-        with open(state_path(tunnel, "pid")) as f:
-            text = f.read().strip()
+        if start is not None:
+            os.lseek(fd, start, os.SEEK_END if start < 0 else os.SEEK_SET)
+        return os.read(fd, limit)
+    except OSError as e:
+        if e.errno == errno.EINVAL:         # seeking before the start of a short file
+            os.lseek(fd, 0, os.SEEK_SET)
+            return os.read(fd, limit)
+        raise
+    finally:
+        os.close(fd)
+
+
+def read_pidfile(tunnel):
+    """Return the PID in the tunnel's pidfile, or None (also for a garbled one)."""
+    try:
+        text = _read_state_file(state_path(tunnel, "pid"), 32).strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() and int(text) > 0 else None
+    ok = re.match(rb"^[0-9]{1,10}$", text) and 0 < int(text) < 1 << 31
+    return int(text) if ok else None
 
 
 def _write_atomic(path, text):
-    tmp = "%s.tmp%d" % (path, os.getpid())
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Replace path with text: a temp file of unpredictable name, mode 0600.
+
+    Nothing is left behind when the write fails (a full disk).
+    """
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
 
 
 def write_pidfile(tunnel, pid):
@@ -718,8 +807,8 @@ def write_pidfile(tunnel, pid):
 def read_state_text(tunnel):
     """Return the raw text of the tunnel's state file ("" if none)."""
     try:
-        with open(state_path(tunnel, "state"), errors="replace") as f:
-            return f.read(STATE_MAX)
+        return _read_state_file(state_path(tunnel, "state"), STATE_MAX).decode("utf-8",
+                                                                               "replace")
     except OSError:
         return ""
 
@@ -731,7 +820,15 @@ def read_state(tunnel):
         state = json.loads(read_state_text(tunnel) or "{}")
     except ValueError:
         return {}
-    return state if isinstance(state, dict) else {}
+    if not isinstance(state, dict):
+        return {}
+    # a garbled or hand-edited state file: what has the wrong type is dropped
+    return {k: v for k, v in state.items() if k in STATE_TYPES and
+            isinstance(v, STATE_TYPES[k]) and not isinstance(v, bool)}
+
+
+STATE_TYPES = {"restarts": int, "failures": int, "last_restart": int, "failure_said": int,
+               "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict}
 
 
 def write_state(tunnel, state):
@@ -753,7 +850,7 @@ def process_alive(pid):
 def _cmdline(pid):
     try:
         with open("/proc/%d/cmdline" % pid, "rb") as f:
-            raw = f.read()
+            raw = f.read(CMDLINE_MAX)
     except OSError:
         return []
     return [a.decode("utf-8", "replace") for a in raw.split(b"\0")[:-1]]
@@ -894,26 +991,29 @@ def _proc_address(text):
     return socket.inet_ntop(socket.AF_INET if len(raw) == 4 else socket.AF_INET6, raw)
 
 
-def kill_process(pid, grace=KILL_GRACE):
-    """SIGTERM pid, wait up to grace seconds, then SIGKILL. Return True if gone.
+def kill_processes(pids, grace=KILL_GRACE):
+    """SIGTERM every pid, wait one grace period for all of them, then SIGKILL.
 
-    SIGCONT follows SIGTERM so that a stopped (hung) ssh can act on it.
+    Returns the pids that are gone. SIGCONT follows SIGTERM so that a stopped
+    (hung) ssh can act on it. A refused or vanished kill never raises, and
+    however many there are, they cost one grace period in all.
     """
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.kill(pid, sig)
-            if sig == signal.SIGTERM:
-                os.kill(pid, signal.SIGCONT)
-        except OSError as e:
-            if e.errno == errno.ESRCH:
-                return True
-            raise
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline:
-            if not process_alive(pid):
-                return True
+    def send(pid, *sigs):
+        for sig in sigs:
+            try:
+                os.kill(pid, sig)
+            except OSError:         # ESRCH: gone already; EPERM: not ours to end
+                pass
+    for pid in pids:
+        send(pid, signal.SIGTERM, signal.SIGCONT)
+    for sig, wait in ((signal.SIGKILL, grace), (None, 1.0)):
+        deadline = time.monotonic() + wait
+        while any(map(process_alive, pids)) and time.monotonic() < deadline:
             time.sleep(0.05)
-    return not process_alive(pid)
+        for pid in filter(process_alive, pids):
+            if sig:
+                send(pid, sig)
+    return [pid for pid in pids if not process_alive(pid)]
 
 
 def process_uptime(pid):
@@ -937,7 +1037,7 @@ class TunnelLock:
 
     def acquire(self, wait=0.0):
         """Take the lock; return False if another tick holds it after wait s."""
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -1026,11 +1126,24 @@ def _why(error):
     return str(error) or error.__class__.__name__
 
 
-def check_process(tunnel):
-    """Is the pidfile's PID alive and this tunnel's ssh? Return (pid, Verdict)."""
+def check_process(tunnel, adopt=False):
+    """Is the pidfile's PID alive and this tunnel's ssh? Return (pid, Verdict).
+
+    adopt: with no usable pidfile, look for this tunnel's ssh by its control
+    socket (a launch whose pidfile could not be written: a full disk) and
+    record it, rather than start a second one.
+    """
     pid = read_pidfile(tunnel)
     if pid is None:
-        return None, Verdict("process", DOWN, "not running")
+        found = find_tunnel_processes(tunnel) if adopt else []
+        if len(found) != 1:
+            return None, Verdict("process", DOWN, "not running")
+        try:
+            write_pidfile(tunnel, found[0])
+        except OSError:
+            pass                    # still full: adopted again next tick
+        return found[0], Verdict("process", UP, "pid %d, adopted (it had no pidfile)"
+                                 % found[0])
     if not process_alive(pid):
         return None, Verdict("process", DOWN, "process %d gone" % pid)
     if not is_tunnel_ssh(pid, tunnel):
@@ -1128,9 +1241,8 @@ def _log_size(tunnel):
 def _log_since(tunnel, offset, limit=8192):
     """Return what the master wrote to NAME.log since offset (at most limit bytes)."""
     try:
-        with open(state_path(tunnel, "log"), "rb") as f:
-            f.seek(offset)
-            return f.read(limit).decode("utf-8", "replace")
+        return _read_state_file(state_path(tunnel, "log"), limit, offset).decode("utf-8",
+                                                                                "replace")
     except OSError:
         return ""
 
@@ -1202,6 +1314,8 @@ def check_data_path(tunnel, forward, pid, table, tries=2):
     began = time.monotonic()
     deadline = began + tunnel.check_timeout
     log_offset = _log_size(tunnel)
+    if log_offset > LOG_MAX:        # a target down for weeks adds a line every tick
+        log_offset = trim_log(tunnel)
     for _ in range(tries):
         try:
             with Channel(tunnel, deadline) as channel:
@@ -1342,7 +1456,7 @@ def check_local_forward(tunnel, forward, pid, table):
                    % (where, target, _ms(began)))
 
 
-def run_ladder(tunnel, with_process=True, table=None):
+def run_ladder(tunnel, with_process=True, table=None, adopt=False):
     """Run the checks cheapest first; stop at the first DOWN.
 
     Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
@@ -1352,7 +1466,7 @@ def run_ladder(tunnel, with_process=True, table=None):
     table = table or TcpTable()
     verdicts, expected = [], None
     if with_process:
-        expected, verdict = check_process(tunnel)
+        expected, verdict = check_process(tunnel, adopt)
         verdicts.append(verdict)
         if expected is None:
             return verdicts
@@ -1385,10 +1499,7 @@ def stop_tunnel(tunnel):
     recorded = read_pidfile(tunnel)
     if recorded and process_alive(recorded) and is_tunnel_ssh(recorded, tunnel):
         pids.add(recorded)
-    stopped = []
-    for pid in sorted(pids):
-        if kill_process(pid):
-            stopped.append(pid)
+    stopped = kill_processes(sorted(pids))
     for suffix in ("pid", "ctl"):
         try:
             os.unlink(state_path(tunnel, suffix))
@@ -1400,10 +1511,34 @@ def stop_tunnel(tunnel):
 def _death_note(tunnel):
     """Return what the tunnel's last ssh said before it died, if anything."""
     try:
-        with open(state_path(tunnel, "log"), errors="replace") as f:
-            return _last_line(f.read()[-4096:])
+        return _last_line(_read_state_file(state_path(tunnel, "log"), 4096, -4096)
+                          .decode("utf-8", "replace"))
     except OSError:
         return ""
+
+
+def trim_log(tunnel, keep=LOG_KEEP):
+    """Cut NAME.log to its last keep bytes; return its size after.
+
+    ssh appends to it (O_APPEND), so it goes on writing at the new end.
+    """
+    path = state_path(tunnel, "log")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        if size > keep:
+            os.lseek(fd, size - keep, os.SEEK_SET)
+            tail = os.read(fd, keep)
+            tail = tail[tail.find(b"\n") + 1:]      # whole lines only
+            os.ftruncate(fd, 0)
+            os.write(fd, tail)
+            size = len(tail)
+        return size
+    finally:
+        os.close(fd)
 
 
 def launch_tunnel(tunnel):
@@ -1417,7 +1552,9 @@ def launch_tunnel(tunnel):
     argv = build_launch_argv(tunnel)
     limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
     log_path = state_path(tunnel, "log")
-    with open(log_path, "wb") as log:
+    start = trim_log(tunnel)        # what earlier ssh processes said stays, capped
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=log, start_new_session=True)
@@ -1429,14 +1566,18 @@ def launch_tunnel(tunnel):
             proc.kill()
             proc.wait()
             return None, "ssh did not connect within %gs" % limit
-    with open(log_path, errors="replace") as f:
-        said = _lines_said(f.read()[-8192:])
+    finally:
+        os.close(log)
+    said = _lines_said(_log_since(tunnel, start, 16384)[-8192:])
     if rc != 0:
         return None, explain_ssh_failure(tunnel, said, rc)
     pid, verdict = check_master(tunnel)
     if pid is None:
         return None, "ssh started but %s" % verdict.detail
-    write_pidfile(tunnel, pid)
+    try:
+        write_pidfile(tunnel, pid)
+    except OSError:
+        pass            # the next tick adopts it by its control socket (see check_process)
     return pid, None
 
 
@@ -1525,11 +1666,15 @@ Outcome = namedtuple("Outcome", "name healthy events verdicts")
 
 def tick_tunnel(tunnel, verbose=False, table=None):
     """Check one tunnel under its lock and repair it if a check says DOWN."""
-    os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
+    make_state_dir(tunnel)
     lock = TunnelLock(tunnel)
     if not lock.acquire():
-        # another tick is on it right now: leave the tunnel to that tick
-        return Outcome(tunnel.name, True, [], [])
+        # another tick is on it right now: leave the tunnel to that tick, and
+        # count it as what it was when last seen
+        healthy = not read_state(tunnel).get("last_failure")
+        busy = Event(LOG_INFO, "%s: busy: another tick is checking it (last known: %s)"
+                     % (tunnel.name, "healthy" if healthy else "down"))
+        return Outcome(tunnel.name, healthy, [busy] if verbose else [], [])
     try:
         return _tick_locked(tunnel, verbose, table)
     finally:
@@ -1542,7 +1687,7 @@ def _verdict_events(tunnel, verdicts):
 
 
 def _tick_locked(tunnel, verbose, table):
-    verdicts = run_ladder(tunnel, table=table)
+    verdicts = run_ladder(tunnel, table=table, adopt=True)
     events = _verdict_events(tunnel, verdicts) if verbose else []
     down = first_down(verdicts)
     if down is None and all(v.state == UP for v in verdicts) and \
@@ -1589,8 +1734,17 @@ def _repair(tunnel, down, state, events, verbose, table):
         events.append(_record_success(tunnel, state, first, reason, pid))
     else:
         events.append(_record_failure(tunnel, state, first, reason, failure, now))
-    write_state(tunnel, state)
+    _save_state(tunnel, state, events)
     return failure is None, verdicts
+
+
+def _save_state(tunnel, state, events):
+    """Write the state file; a full disk costs a line, not the tick."""
+    try:
+        write_state(tunnel, state)
+    except OSError as e:
+        events.append(Event(LOG_WARNING, "%s: cannot write %s: %s"
+                            % (tunnel.name, state_path(tunnel, "state"), e.strerror or e)))
 
 
 def _record_success(tunnel, state, first, reason, pid):
@@ -1644,7 +1798,13 @@ def _note_warnings(tunnel, verdicts, state, events):
     state["warnings"] = now
     if not now:
         del state["warnings"]
-    write_state(tunnel, state)
+    _save_state(tunnel, state, events)
+
+
+def printable(text):
+    """Escape control characters: what a server, ssh or a config says can neither
+    steer a terminal nor start a second, forged log line."""
+    return _CONTROL_RE.sub(lambda m: "\\x%02x" % ord(m.group()), text)
 
 
 class Reporter:
@@ -1659,6 +1819,7 @@ class Reporter:
 
     def event(self, level, text, stderr=True, stamp=True):
         """Report one event: syslog, and stderr unless told not (or quiet and no error)."""
+        text = printable(text)
         if (stderr or self.tty) and (not self.quiet or level <= LOG_ERR):
             prefix = "%s ctunnel[%d]: " % (time.strftime("%Y/%m/%d %H:%M:%S"), os.getpid())
             self.stream.write("%s%s\n" % (prefix if stamp else "", text))
@@ -1770,9 +1931,9 @@ def cmd_status(tunnels, args, out):
         import json
         out.write(json.dumps({"config": args.config_path, "tunnels": records}, indent=2) + "\n")
     else:
-        out.write("config %s\n" % args.config_path)
+        out.write(printable("config %s" % args.config_path) + "\n")
         for r in records:
-            out.write(_format_status(r))
+            out.write("\n".join(map(printable, _format_status(r).splitlines())) + "\n")
     return EXIT_OK if all(r["healthy"] for r in records) else EXIT_DOWN
 
 
@@ -1812,7 +1973,7 @@ def _format_duration(seconds):
 def cmd_stop(tunnels, args, reporter):
     status = EXIT_OK
     for t in tunnels:
-        os.makedirs(t.state_dir, mode=0o700, exist_ok=True)
+        make_state_dir(t)
         lock = TunnelLock(t)
         if not lock.acquire(wait=STOP_LOCK_WAIT):
             reporter.event(LOG_ERR, "%s: not stopped: another tick still holds %s"

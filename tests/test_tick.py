@@ -333,14 +333,17 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path):
         server.stop()
 
 
-def test_lost_pidfile_does_not_leave_an_orphan_holding_the_port(rig, service):
+def test_lost_pidfile_is_adopted_not_doubled(rig, service):
+    """A running master whose pidfile is gone (a full disk at launch, a cleaner) is
+    found by its control socket and adopted: no second ssh fights for the port."""
     remote, _ = start_reverse(rig, service)
     old = rig.pid()
     os.unlink(rig.path("pi", "pid"))
-    tick = rig.run()
+    tick = rig.run("-v")
     assert tick.returncode == 0, tick.stderr
-    assert not pid_alive(old)             # found by its control socket in argv
-    assert rig.ssh_pids() == [rig.pid()]
+    assert "process UP (pid %d, adopted (it had no pidfile))" % old in tick.stderr
+    assert rig.pid() == old and rig.ssh_pids() == [old]
+    assert "restart" not in tick.stderr
     assert connect_read(remote) == service.greeting
 
 
