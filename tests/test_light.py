@@ -56,13 +56,20 @@ def test_tick_status_and_stop_run_without_the_missing_packages(rig, service):
     assert stop.returncode == 0 and "stopped" in stop.stderr
 
 
-def test_source_is_python_3_8_syntax():
+def test_source_is_python_3_7_syntax():
     for path in (CTUNNEL, CTUNNEL.replace("ctunnel.py", "install.py")):
-        try:
-            source = open(path).read()
-        except FileNotFoundError:
-            continue
-        ast.parse(source, filename=path, feature_version=(3, 8))
+        ast.parse(open(path).read(), filename=path, feature_version=(3, 7))
+
+
+def test_python_3_7_is_enough_for_every_module_and_call():
+    """vermin reads which modules, functions and arguments each line needs."""
+    paths = [CTUNNEL, CTUNNEL.replace("ctunnel.py", "install.py")]
+    result = subprocess.run([sys.executable, "-m", "vermin", "--no-tips", "--violations",
+                             "-t=3.7-"] + paths, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = subprocess.run([sys.executable, "-m", "vermin", "--no-tips"] + paths,
+                             capture_output=True, text=True, timeout=120).stdout
+    assert "Minimum required versions: 3.7" in summary, summary
 
 
 def test_install_py_starts_without_the_missing_packages():
