@@ -79,6 +79,7 @@ DEFAULTS = {
     "server_alive_count_max": "3",
     "check_timeout": "5",
     "remote_check": "auto",
+    "reclaim": "yes",
     "state_dir": "~/.local/state/ctunnel",
 }
 KNOWN_KEYS = frozenset(DEFAULTS) | {"host"}
@@ -148,7 +149,7 @@ Forward = namedtuple("Forward", "kind bind port host hostport spec")
 Tunnel = namedtuple(
     "Tunnel",
     "name host user port identity_file ssh_config forwards ssh_options ssh "
-    "alive_interval alive_count check_timeout remote_check state_dir",
+    "alive_interval alive_count check_timeout remote_check reclaim state_dir",
 )
 
 
@@ -355,7 +356,8 @@ def _load_tunnel(path, name, section):
                   ssh=values["ssh"], alive_interval=values["server_alive_interval"],
                   alive_count=values["server_alive_count_max"],
                   check_timeout=values["check_timeout"],
-                  remote_check=values["remote_check"], state_dir=state_dir)
+                  remote_check=values["remote_check"], reclaim=values["reclaim"] == "yes",
+                  state_dir=state_dir)
 
 
 # Each parser takes the stripped value and returns it validated, or raises
@@ -477,6 +479,7 @@ _KEY_PARSERS = (
     ("server_alive_count_max", _positive(integer=True)),
     ("check_timeout", _positive(integer=False)),
     ("remote_check", _one_of(REMOTE_CHECKS)),
+    ("reclaim", _one_of(("yes", "no"))),
     ("state_dir", str),
 )
 
@@ -537,6 +540,27 @@ def forward_arg(forward):
     """
     return "%s:%d:%s:%d" % (forward.bind or DEFAULT_BIND, forward.port, forward.host,
                             forward.hostport)
+
+
+def build_fresh_argv(tunnel, *tail):
+    """Return an argv for a fresh connection with the tunnel's own key and
+    options, no forwards and no master: to ask the server about a port the
+    tunnel could not have. tail: -W host:port, or -T and a command."""
+    argv = [tunnel.ssh, "-o", "BatchMode=yes", "-o", "ControlPath=none",
+            "-o", "ClearAllForwardings=yes",
+            "-o", "ConnectTimeout=%d" % math.ceil(tunnel.check_timeout)]
+    argv += _target_args(tunnel)
+    if tunnel.identity_file:
+        argv += ["-i", tunnel.identity_file, "-o", "IdentitiesOnly=yes"]
+    for option in tunnel.ssh_options:
+        argv += ["-o", option]
+    return argv + list(tail)
+
+
+def build_probe_argv(tunnel, address, port):
+    """ssh -W address:port over a fresh connection: does anything listen there?"""
+    where = "[%s]:%d" % (address, port) if ":" in address else "%s:%d" % (address, port)
+    return build_fresh_argv(tunnel, "-W", where, "--", tunnel.host)
 
 
 def build_mux_argv(tunnel, *command):
@@ -1616,15 +1640,140 @@ def explain_ssh_failure(tunnel, lines, rc):
     if rc not in (0, 255) and not is_openssh(tunnel.ssh):
         return ("%s is not OpenSSH's ssh client (it exited %d: %s); set ssh = the path of "
                 "ssh" % (tunnel.ssh, rc, said))
+    held = re.search(r"remote port forwarding failed for listen port (\d+)", said)
+    if held:
+        return "%s (%s)" % (said, why_port_refused(tunnel, int(held.group(1))))
     hints = (
-        ("remote port forwarding failed", "the server still holds the port: a stale "
-         "session (set ClientAliveInterval on the server) or another program"),
         ("Could not resolve hostname", "check host, or the network"),
     )
     for needle, hint in hints:
         if needle in said:
             return "%s (%s)" % (said, hint)
     return said
+
+
+def why_port_refused(tunnel, port):
+    """Say why the server would not listen on a -R port: policy, or held.
+
+    One bounded connection asks for a channel to that port on the server:
+    refused means nothing listens there, so the server's policy said no.
+    """
+    forward = next((f for f in tunnel.forwards if f.kind == "R" and f.port == port), None)
+    if forward is None:
+        return "the server would not listen on port %d" % port
+    address = check_address(forward)
+    rc, _, err = _run(build_probe_argv(tunnel, address, port), tunnel.check_timeout)
+    if rc is not None and "Connection refused" in err:
+        return ("nothing listens on %s:%d there: the server's policy refuses the port (see "
+                "permitlisten in authorized_keys, PermitListen, AllowTcpForwarding and "
+                "GatewayPorts in sshd_config); this is not a stale session"
+                % (address, port))
+    if rc is None or rc == 0:
+        return ("something on the server holds %s:%d: a stale session of this box (set "
+                "ClientAliveInterval on the server) or another program" % (address, port))
+    return ("the server still holds the port, or refuses it: %s"
+            % (_first_line(err) or "ssh exited %d" % rc))
+
+
+# The command a tunnel's own login runs on the server when its reverse port is
+# held: it lists this user's sshd sessions that listen on exactly BIND:PORT and
+# ends the stale ones. Stale: the session's client connection is half closed by
+# the client (CLOSE_WAIT), or has bytes the client never acknowledged, sent
+# again and again (no TCP reset came back: a power cut, a dropped line). A live
+# client acknowledges within a round trip. POSIX sh, awk and Linux /proc; the
+# values put in are numbers only.
+STALE_SCRIPT = r"""
+port=%(port)s a1=%(le)s a2=%(be)s reclaim=%(reclaim)d
+set -- $SSH_CONNECTION
+sp=$(printf %%04X "$4")
+hz=$(getconf CLK_TCK 2>/dev/null || echo 100)
+echo ctunnel-sessions
+{ echo 0; for d in /proc/[0-9]*; do
+    [ -O "$d" ] || continue
+    read -r c < "$d/comm" 2>/dev/null || continue
+    case $c in sshd|sshd-session) ;; *) continue ;; esac
+    echo "${d#/proc/}" $(ls -l "$d/fd" 2>/dev/null | sed -n 's/.*socket:\[\([0-9]*\)\]$/\1/p')
+  done; } | awk -v port="$port" -v a1="$a1" -v a2="$a2" -v sp="$sp" '
+  NR == FNR { for (i = 2; i <= NF; i++) owner[$i] = $1; next }
+  FNR == 1 || !($10 in owner) { next }
+  { split($2, l, ":"); split($3, r, ":"); split($5, q, ":"); pid = owner[$10] }
+  $4 == "0A" && l[2] == port && (l[1] == a1 || l[1] == a2) { listens[pid] = 1 }
+  ($4 == "01" || $4 == "08") && l[2] == sp {
+    peer[pid] = $3; stuck[pid] = $4 == "08" || (q[1] ~ /[1-9A-F]/ && $7 ~ /[1-9A-F]/) }
+  END { for (pid in listens) print pid, (pid in peer) ? peer[pid] : "-", stuck[pid] + 0 }
+' - /proc/net/tcp /proc/net/tcp6 | {
+  ended=
+  while read -r pid peer stuck; do
+    start=$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)
+    age=$(awk -v s="${start:-0}" -v hz="$hz" '{ print int($1 - s / hz) }' /proc/uptime)
+    echo session "$pid" "$age" "$peer" "$stuck"
+    if [ "$stuck" = 1 ] && [ "$reclaim" = 1 ]; then
+      kill -TERM "$pid" 2>/dev/null && ended="$ended $pid"
+    fi
+  done
+  [ -n "$ended" ] && sleep 1
+  for pid in $ended; do
+    kill -0 "$pid" 2>/dev/null && kill -KILL "$pid" 2>/dev/null
+    echo ended "$pid"
+  done
+}
+echo ctunnel-done
+"""
+
+
+def _hex_both_orders(address):
+    """The address as /proc/net/tcp prints it on a little- and a big-endian server."""
+    raw = _ip(address) or b""
+    little = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return little.hex().upper(), raw.hex().upper()
+
+
+def inspect_port(tunnel, port):
+    """Who holds a -R port on the server? End a stale session of ours if allowed.
+
+    Returns (reclaimed, why): reclaimed is one line saying what was ended (then
+    the caller launches again), why says who holds the port, or is "" when the
+    server could not be asked.
+    """
+    forward = next((f for f in tunnel.forwards if f.kind == "R" and f.port == port), None)
+    if forward is None:
+        return None, ""
+    address = check_address(forward)
+    le, be = _hex_both_orders(address)
+    script = STALE_SCRIPT % {"port": "%04X" % port, "le": le or "-", "be": be or "-",
+                             "reclaim": tunnel.reclaim}
+    rc, out, err = _run(build_fresh_argv(tunnel, "-T", "--", tunnel.host, script),
+                        tunnel.check_timeout + 3)
+    if "ctunnel-sessions" not in out or "ctunnel-done" not in out:
+        return None, ("something on the server holds %s:%d, and ctunnel cannot look for a "
+                      "stale session there (a forced command on the key, no POSIX shell or "
+                      "no /proc): set ClientAliveInterval 10 and ClientAliveCountMax 3 in "
+                      "the server's sshd_config" % (address, port))
+    sessions = re.findall(r"^session (\d+) (\d+) (\S+) ([01])$", out, re.M)
+    ended = set(re.findall(r"^ended (\d+)$", out, re.M))
+
+    def since(age):
+        return time.strftime("%H:%M", time.localtime(time.time() - int(age)))
+
+    def peer(text):
+        if text == "-":
+            return "?"
+        addr, port_hex = text.split(":")
+        return "%s:%d" % (_proc_address(addr.encode()), int(port_hex, 16))
+    for pid, age, _, _ in sessions:
+        if pid in ended:
+            return ("reclaimed port %d from a stale session (server pid %s, up since %s)"
+                    % (port, pid, since(age)), "")
+    for pid, age, client, stuck in sorted(sessions, key=lambda s: s[3]):   # live ones first
+        if stuck == "0":
+            return None, ("port %d is held by another live client of this login (server pid "
+                          "%s, up since %s, from %s): leaving it alone"
+                          % (port, pid, since(age), peer(client)))
+        return None, ("a stale session holds port %d (server pid %s, up since %s); %s"
+                      % (port, pid, since(age), "it could not be ended" if tunnel.reclaim
+                         else "reclaim = no: waiting for the server to drop it"))
+    return None, ("port %d on the server is held by another program or another user"
+                  % port)
 
 
 def key_has_passphrase(path):
@@ -1719,6 +1868,14 @@ def _repair(tunnel, down, state, events, verbose, table):
     first = down.detail == "not running"
     stop_tunnel(tunnel)
     pid, failure = launch_tunnel(tunnel)
+    reclaimed, held = None, re.search(r"listen port (\d+) \(something on the server holds",
+                                       failure or "")
+    if held:
+        reclaimed, why = inspect_port(tunnel, int(held.group(1)))
+        if reclaimed:
+            pid, failure = launch_tunnel(tunnel)
+        elif why:
+            failure = "%slisten port %s (%s)" % (failure[:held.start()], held.group(1), why)
     verdicts = []
     if failure is None:
         verdicts = run_ladder(tunnel, with_process=False, table=table)
@@ -1731,7 +1888,7 @@ def _repair(tunnel, down, state, events, verbose, table):
     state.update(last_restart=now, last_reason=reason)
     state.pop("stopped", None)
     if failure is None:
-        events.append(_record_success(tunnel, state, first, reason, pid))
+        events.append(_record_success(tunnel, state, first, reason, pid, reclaimed))
     else:
         events.append(_record_failure(tunnel, state, first, reason, failure, now))
     _save_state(tunnel, state, events)
@@ -1747,13 +1904,15 @@ def _save_state(tunnel, state, events):
                             % (tunnel.name, state_path(tunnel, "state"), e.strerror or e)))
 
 
-def _record_success(tunnel, state, first, reason, pid):
+def _record_success(tunnel, state, first, reason, pid, reclaimed=None):
     attempts = state.pop("failures", 0)
     state.pop("last_failure", None)
     state.pop("failure_said", None)
     if not first:
         state["restarts"] = state.get("restarts", 0) + 1
     text = "started (pid %d)" % pid if first else "restarted (%s)" % reason
+    if reclaimed:
+        text = "%s, %s" % (reclaimed, text)
     if attempts:
         text += " after %d failed attempt%s" % (attempts, "s" if attempts > 1 else "")
     return Event(LOG_NOTICE, "%s: %s" % (tunnel.name, text))

@@ -299,7 +299,7 @@ def make_tunnel(tmp_path, **over):
     base = dict(name="pi", host="vps", user="", port=None, identity_file="", ssh_config="",
                 forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),), ssh_options=(),
                 ssh="/usr/bin/ssh", alive_interval=10, alive_count=3, check_timeout=5.0,
-                remote_check="auto", state_dir=str(tmp_path))
+                remote_check="auto", reclaim=True, state_dir=str(tmp_path))
     base.update(over)
     return ctunnel.Tunnel(**base)
 

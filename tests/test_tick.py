@@ -14,6 +14,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import (CTUNNEL, SshServer, connect_read, descendants, free_port,
                       pid_alive, port_accepts, wait_for)
 
@@ -221,8 +223,7 @@ def test_tick_runs_under_crons_bare_environment(rig, service, tmp_path):
 
 
 def test_launch_failure_reports_sshs_own_reason_once_then_hourly(rig, service, tmp_path):
-    # The server's port is held, on both loopback addresses, as a stale
-    # session of ours would hold it (sshd binds both for a -R without address).
+    # Another program holds the server's port, on both loopback addresses.
     remote = free_port()
     squatters = [socket.socket(family) for family in (socket.AF_INET, socket.AF_INET6)]
     for squatter, address in zip(squatters, ("127.0.0.1", "::1")):
@@ -240,7 +241,7 @@ def test_launch_failure_reports_sshs_own_reason_once_then_hourly(rig, service, t
         assert len(lines) == 1, lines
         assert "pi: start failed: Error: remote port forwarding failed for listen port %d" \
             % remote in lines[0]
-        assert "stale session" in lines[0]
+        assert "held by another program or another user" in lines[0]
         assert rig.ssh_pids() == []
         assert "start failed" in sink.recv(4096).decode()
 
@@ -295,18 +296,20 @@ def test_events_reach_syslog(rig, service, tmp_path):
         sink.close()
 
 
-def test_server_gone_silent_without_rst(make_rig, service, tmp_path):
+@pytest.mark.parametrize("reclaim", ["yes", "no"])
+def test_server_gone_silent_without_rst(make_rig, service, tmp_path, reclaim):
     """The power cut of the seeds: no RST, and a stale session holds the port.
 
     Stopping the server's session process makes the server silent: TCP stays
-    up, nothing answers. The client's keepalive gives up; the server still
-    holds the reverse port until its own session ends.
+    up, nothing answers. The client's keepalive gives up and its FIN is never
+    answered; the server still holds the reverse port. With reclaim = yes the
+    next tick ends that session and starts the tunnel; with no, it waits.
     """
     server = SshServer(str(tmp_path))
     try:
         rig = make_rig(server)
         remote, _ = start_reverse(rig, service, server_alive_interval=1,
-                                  server_alive_count_max=2, check_timeout=2)
+                                  server_alive_count_max=2, check_timeout=2, reclaim=reclaim)
         old = rig.pid()
         sessions = descendants(server.proc.pid)
         for pid in sessions:
@@ -315,12 +318,24 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path):
         assert port_accepts(remote)        # the stale session still listens
 
         tick = rig.run()
-        assert tick.returncode == 1
         (line,) = tick.stderr.splitlines()
-        assert ("pi: restart failed (process %d gone; ssh said: Timeout, server "
-                "127.0.0.1 not responding.): Error: remote port forwarding failed "
-                "for listen port %d" % (old, remote)) in line
-        assert "stale session" in line
+        gone = "process %d gone; ssh said: Timeout, server 127.0.0.1 not responding." % old
+        if reclaim == "yes":
+            assert tick.returncode == 0, line
+            m = re.search(r"pi: reclaimed port %d from a stale session \(server pid (\d+), up "
+                          r"since \d\d:\d\d\), restarted \(%s\)$" % (remote, re.escape(gone)),
+                          line)
+            assert m, line
+            assert int(m.group(1)) in sessions
+            wait_for(lambda: not pid_alive(int(m.group(1))), what="the stale session to end")
+            assert connect_read(remote) == service.greeting
+            return
+        assert tick.returncode == 1
+        assert re.search(r"pi: restart failed \(%s\): Error: remote port forwarding failed for "
+                         r"listen port %d \(a stale session holds port %d \(server pid \d+, "
+                         r"up since \d\d:\d\d\); reclaim = no: waiting for the server to drop "
+                         r"it\)" % (re.escape(gone), remote, remote), line), line
+        assert all(pid_alive(p) for p in sessions)        # nothing was ended
 
         for pid in sessions:               # the server notices and drops it
             os.kill(pid, signal.SIGCONT)
@@ -559,3 +574,45 @@ def test_a_bad_section_does_not_stop_the_good_tunnels(rig, service):
     stop = rig.run("stop", "pi")
     assert stop.returncode == 2 and "pi: stopped" in stop.stderr
     assert rig.ssh_pids() == []
+
+
+@pytest.mark.parametrize("policy", ["permitlisten for another port", "AllowTcpForwarding local"])
+def test_a_port_refused_by_policy_is_named_as_policy(make_rig, service, tmp_path, policy):
+    remote = free_port()
+    if policy.startswith("permitlisten"):
+        server = SshServer(str(tmp_path), key_options='restrict,port-forwarding,'
+                           'permitlisten="127.0.0.1:%d"' % free_port())
+    else:
+        server = SshServer(str(tmp_path), extra=["AllowTcpForwarding local"])
+    try:
+        rig = make_rig(server)
+        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
+        tick = rig.run()
+        assert tick.returncode == 1
+        (line,) = tick.stderr.splitlines()
+        assert ("remote port forwarding failed for listen port %d (nothing listens on "
+                "127.0.0.1:%d there: the server's policy refuses the port" % (remote, remote)) \
+            in line
+        assert "this is not a stale session" in line and "reclaimed" not in line
+        assert rig.ssh_pids() == []
+    finally:
+        server.stop()
+
+
+def test_a_port_another_program_holds_is_named_as_held(rig, service):
+    remote = free_port()
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", remote))
+    squatter.listen(1)
+    try:
+        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port),
+                         check_timeout=2)
+        began = time.monotonic()
+        tick = rig.run()
+        assert time.monotonic() - began < 4 * 2 + 2 + 5
+        assert tick.returncode == 1
+        assert "listen port %d (port %d on the server is held by another program or " \
+            "another user)" % (remote, remote) in tick.stderr
+        assert pid_alive(os.getpid())
+    finally:
+        squatter.close()

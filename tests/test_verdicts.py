@@ -260,7 +260,6 @@ def test_refused_channel_raises_with_the_masters_reason(master, tmp_path):
 
 
 @pytest.mark.parametrize("said,hint", [
-    ("Error: remote port forwarding failed for listen port 1122", "stale session"),
     ("root@vps: Permission denied (publickey).", "the server refused the key for pi: check "
      "user, and that the key's .pub line is in that user's ~/.ssh/authorized_keys"),
     ("Host key verification failed.", "not in known_hosts yet: check its fingerprint "
@@ -371,3 +370,18 @@ def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch):
     assert reads.count("/proc/net/tcp") == 1
     table.sockets({3}, time.monotonic())     # saw it after: needs a new read
     assert reads.count("/proc/net/tcp") == 2
+
+
+@pytest.mark.parametrize("rc,stderr,sleep,why", [
+    (255, "channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed",
+     None, "nothing listens on 127.0.0.1:1122 there: the server's policy refuses the port"),
+    (0, "", 5, "something on the server holds 127.0.0.1:1122: a stale session of this box"),
+    (0, "", None, "something on the server holds 127.0.0.1:1122"),
+    (255, "ssh: connect to host vps port 22: Connection timed out", None,
+     "the server still holds the port, or refuses it: ssh: connect to host vps port 22"),
+])
+def test_a_refused_remote_port_is_classified(fake_ssh, rc, stderr, sleep, why):
+    tunnel = fake_ssh(rc, stderr=stderr, sleep=sleep)
+    said = "Error: remote port forwarding failed for listen port 1122"
+    text = ctunnel.explain_ssh_failure(tunnel, [said], 255)
+    assert text.startswith("%s (%s" % (said, why)), text
