@@ -1772,8 +1772,9 @@ def inspect_port(tunnel, port):
         return None, ("a stale session holds port %d (server pid %s, up since %s); %s"
                       % (port, pid, since(age), "it could not be ended" if tunnel.reclaim
                          else "reclaim = no: waiting for the server to drop it"))
-    return None, ("port %d on the server is held by another program or another user"
-                  % port)
+    return None, ("port %d on the server is held by another program or another user (a "
+                  "Dropbear server's sessions cannot be looked into: start it with -K 10 -I "
+                  "300 so that it drops dead clients)" % port)
 
 
 def key_has_passphrase(path):

@@ -612,7 +612,7 @@ def test_a_port_another_program_holds_is_named_as_held(rig, service):
         assert time.monotonic() - began < 4 * 2 + 2 + 5
         assert tick.returncode == 1
         assert "listen port %d (port %d on the server is held by another program or " \
-            "another user)" % (remote, remote) in tick.stderr
+            "another user (a Dropbear server's" % (remote, remote) in tick.stderr
         assert pid_alive(os.getpid())
     finally:
         squatter.close()
