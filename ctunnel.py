@@ -206,11 +206,26 @@ def check_address(forward):
     return bind
 
 
+def expand_home(path):
+    """Expand ~ as ssh does: from the password database, not $HOME.
+
+    OpenWrt boots with HOME=/: a tick from boot and one from cron must find
+    the same key and the same state.
+    """
+    if path == "~" or path.startswith("~/"):
+        import pwd
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_dir + path[1:]
+        except KeyError:        # a uid with no passwd entry (some containers)
+            pass
+    return os.path.expanduser(path)
+
+
 def config_candidates(script=__file__):
     """Return the places a config is looked for when neither -c nor $CTUNNEL_CONFIG says."""
     return [
         os.path.join(os.path.dirname(os.path.realpath(script)), CONFIG_NAME),
-        os.path.expanduser("~/.config/ctunnel/" + CONFIG_NAME),
+        expand_home("~/.config/ctunnel/" + CONFIG_NAME),
         "/etc/ctunnel/" + CONFIG_NAME,
     ]
 
@@ -330,7 +345,7 @@ def _load_tunnel(path, name, section):
         if key in _PATH_KEYS and text and (key != "ssh" or os.sep in text):
             # cron runs in HOME, a user by hand anywhere: relative to the config file
             text = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
-                                                 os.path.expanduser(text)))
+                                                 expand_home(text)))
         try:
             if re.search("[\x00-\x08\x0b-\x1f\x7f]", text):
                 raise ValueError("contains a control character (%r)" % text)
@@ -400,7 +415,7 @@ def _lines(value):
 def _readable_file(value):
     if not value:
         return ""
-    path = os.path.expanduser(value)
+    path = expand_home(value)
     if not os.path.isfile(path) or not os.access(path, os.R_OK):
         raise ValueError('"%s" is not a readable file' % value)
     try:
@@ -414,7 +429,7 @@ def _readable_file(value):
 def _find_program(value):
     if not value:
         raise ValueError("is empty (the ssh client to run, e.g. ssh)")
-    path = os.path.expanduser(value)
+    path = expand_home(value)
     dirs = [""] if os.sep in path else os.environ.get("PATH", os.defpath).split(os.pathsep)
     for d in dirs:
         candidate = os.path.join(d, path) if d else path

@@ -5,6 +5,7 @@ python3-light does not ship; the tick must still bring the tunnel up.
 """
 
 import ast
+import os
 import subprocess
 import sys
 
@@ -79,3 +80,51 @@ def test_install_py_starts_without_the_missing_packages():
                             text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert result.returncode == 2, result.stderr
     assert "install.py: missing answer: ssh server" in result.stderr
+
+
+def test_home_is_the_password_databases_not_HOME(sshd, service, tmp_path):
+    """OpenWrt boots with HOME=/. A tick then and a cron tick later, as a user
+    (not root), use one key and one state: the second finds the tunnel healthy."""
+    import shutil
+    import tempfile
+    from conftest import ThrowawayUser, end_pids, pids_with_arg
+    top = tempfile.mkdtemp(prefix="cth", dir="/tmp")
+    os.chmod(top, 0o755)
+    user = ThrowawayUser(os.path.join(top, "h"))
+    try:
+        dot_ssh = os.path.join(user.home, ".ssh")
+        os.makedirs(dot_ssh, mode=0o700)
+        shutil.copy(sshd.user_key, os.path.join(dot_ssh, "tunnel"))
+        shutil.copy(sshd.known_hosts, os.path.join(dot_ssh, "known_hosts"))
+        with open(os.path.join(dot_ssh, "config"), "w") as f:
+            f.write("Host *\n  UserKnownHostsFile %s\n  GlobalKnownHostsFile /dev/null\n"
+                    % os.path.join(dot_ssh, "known_hosts"))
+        remote = free_port()
+        conf = os.path.join(user.home, "c.conf")
+        with open(conf, "w") as f:
+            f.write("[pi]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = "
+                    "~/.ssh/tunnel\nssh_config = ~/.ssh/config\nremote_forward = "
+                    "%d:127.0.0.1:%d\n" % (sshd.port, sshd.user, remote, service.port))
+        for top_dir, dirs, files in os.walk(user.home):
+            for name in [top_dir] + [os.path.join(top_dir, n) for n in files]:
+                os.chown(name, user.uid, user.gid)
+        os.chmod(os.path.join(dot_ssh, "tunnel"), 0o600)
+
+        def tick(home, *args):
+            return subprocess.run(
+                ["setpriv", "--reuid=%d" % user.uid, "--regid=%d" % user.gid,
+                 "--clear-groups", sys.executable, CTUNNEL, "-c", conf] + list(args),
+                env={"HOME": home, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                stdin=subprocess.DEVNULL, timeout=60)
+        boot = tick("/")
+        assert boot.returncode == 0, boot.stderr
+        assert "pi: started" in boot.stderr
+        assert os.path.exists(os.path.join(user.home, ".local/state/ctunnel/pi.pid"))
+        assert connect_read(remote) == service.greeting
+        later = tick(user.home)
+        assert (later.returncode, later.stderr) == (0, "")      # the same tunnel, healthy
+        assert "pi: stopped" in tick("/", "stop").stderr
+    finally:
+        end_pids(pids_with_arg(user.home))
+        user.remove()
+        subprocess.run(["rm", "-rf", top])
