@@ -625,6 +625,8 @@ def server_advice(plan):
                t.host == plan.host and t.user in ("", plan.user)]
     remote += [f for t in sharing for f in t.forwards if f.kind == "R"]
     local += [f for t in sharing for f in t.forwards if f.kind == "L"]
+    if getattr(plan, "server", "openssh") == "dropbear":
+        return "\n".join(_dropbear_advice(plan, remote, local, sharing))
     out = ["", "On the server, as root: in /etc/ssh/sshd_config, then reload sshd:",
            "    ClientAliveInterval 10", "    ClientAliveCountMax 3",
            "  Why: a box that loses power or its line sends no TCP reset. Without these the",
@@ -655,6 +657,40 @@ def server_advice(plan):
         out += ["  Note: it does not limit connections opened from the server side (ssh -L);"
                 " add permitopen=\"host:port\" entries if you want that too."]
     return "\n".join(out)
+
+
+def _dropbear_advice(plan, remote, local, sharing):
+    """The same advice for a Dropbear server: its options, and what it cannot limit."""
+    options = ["no-pty", "no-agent-forwarding", "no-X11-forwarding"]
+    if local:   # once any permitopen is given, the data-path check needs its own
+        options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
+        options += ['permitopen="%s:%d"' % (ctunnel.check_address(f), f.port) for f in remote]
+    with open(plan.key + ".pub") as f:
+        key = f.read().strip()
+    out = ["", "The server is Dropbear. Start it with a keepalive: dropbear -K 10 ...",
+           "  Why: a box that loses power sends no TCP reset; without a keepalive the",
+           "  server keeps the dead session and its ports.",
+           "", "In ~%s/.ssh/authorized_keys on the server, make the key's line:" % plan.user,
+           "    %s %s" % (",".join(options), key),
+           "  Allows: %s; ctunnel's data-path check." % _allowed(remote, local),
+           "  Forbids: a terminal, agent and X11 forwarding. Dropbear cannot limit the ports",
+           "  a key may listen on (it has no permitlisten), and its restrict option forbids",
+           "  reverse forwards altogether."]
+    if sharing:
+        out += ["  This key is also used by %s: the line allows their forwards too."
+                % ", ".join("[%s]" % t.name for t in sharing)]
+    return out
+
+
+def server_kind(plan):
+    """openssh or dropbear, from the server's banner (SSH-2.0-dropbear_2022.83)."""
+    try:
+        host = resolved_ssh(plan)["hostname"]
+        with socket.create_connection((host, plan.port), timeout=REACH_TIMEOUT) as sock:
+            banner = sock.recv(256)
+    except (OSError, Abort):
+        return "openssh"
+    return "dropbear" if banner.lower().startswith(b"ssh-2.0-dropbear") else "openssh"
 
 
 def _allowed(remote, local):
@@ -713,6 +749,7 @@ def setup(args, asker):
     problem = unreachable(plan)
     if problem:
         raise Abort(problem)
+    plan.server = server_kind(plan)
     ensure_host_key(plan, asker, args.accept_host_key)
     ensure_key(plan, asker)
     install_key(plan, asker, args.install_key)
