@@ -120,25 +120,6 @@ def test_local_service_down_is_target_down_once_and_back_once(rig):
     held.close()
 
 
-def test_remote_port_taken_on_127_0_0_1_is_never_up(rig, service):
-    """A forward without a bind address is sent as 127.0.0.1, so a squatter there
-    makes the forward fail instead of ssh quietly binding only ::1."""
-    remote = free_port()
-    squatter = socket.socket()
-    squatter.bind(("127.0.0.1", remote))
-    squatter.listen(1)
-    try:
-        rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
-        for _ in range(2):
-            tick = rig.run("-v")
-            assert tick.returncode == 1
-            assert "remote port forwarding failed for listen port %d" % remote in tick.stderr
-            assert " UP " not in tick.stderr.replace("process UP", "")
-        assert rig.ssh_pids() == []
-    finally:
-        squatter.close()
-
-
 def test_local_port_taken_on_127_0_0_1_is_never_up(rig, service):
     local = free_port()
     squatter = socket.socket()

@@ -600,6 +600,8 @@ def test_a_port_refused_by_policy_is_named_as_policy(make_rig, service, tmp_path
 
 
 def test_a_port_another_program_holds_is_named_as_held(rig, service):
+    """A forward without a bind address is sent as 127.0.0.1, so a squatter there makes
+    the forward fail (never UP, as when ssh quietly bound only ::1) and is named."""
     remote = free_port()
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", remote))
@@ -608,9 +610,10 @@ def test_a_port_another_program_holds_is_named_as_held(rig, service):
         rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port),
                          check_timeout=2)
         began = time.monotonic()
-        tick = rig.run()
+        tick = rig.run("-v")
         assert time.monotonic() - began < 4 * 2 + 2 + 5
         assert tick.returncode == 1
+        assert " UP " not in tick.stderr and rig.ssh_pids() == []
         assert "listen port %d (port %d on the server is held by another program or " \
             "another user (a Dropbear server's" % (remote, remote) in tick.stderr
         assert pid_alive(os.getpid())
