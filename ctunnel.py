@@ -520,6 +520,19 @@ def _target_args(tunnel):
     return args
 
 
+def _login_args(tunnel):
+    """Arguments that log in as the tunnel does: server, key, the user's ssh_options.
+
+    They come after ctunnel's own -o options: ssh takes the first value it is given.
+    """
+    args = _target_args(tunnel)
+    if tunnel.identity_file:
+        args += ["-i", tunnel.identity_file, "-o", "IdentitiesOnly=yes"]
+    for option in tunnel.ssh_options:
+        args += ["-o", option]
+    return args
+
+
 def build_launch_argv(tunnel):
     """Return the argv that starts the tunnel's ssh as a background master."""
     argv = [tunnel.ssh, "-f", "-N", "-M", "-S", state_path(tunnel, "ctl"),
@@ -535,11 +548,7 @@ def build_launch_argv(tunnel):
             "-o", "ConnectTimeout=%d" % math.ceil(tunnel.check_timeout),
             "-o", "ServerAliveInterval=%d" % tunnel.alive_interval,
             "-o", "ServerAliveCountMax=%d" % tunnel.alive_count]
-    argv += _target_args(tunnel)
-    if tunnel.identity_file:
-        argv += ["-i", tunnel.identity_file, "-o", "IdentitiesOnly=yes"]
-    for option in tunnel.ssh_options:
-        argv += ["-o", option]
+    argv += _login_args(tunnel)
     for fwd in tunnel.forwards:
         argv += ["-" + fwd.kind, forward_arg(fwd)]
     return argv + ["--", tunnel.host]
@@ -564,12 +573,7 @@ def build_fresh_argv(tunnel, *tail):
     argv = [tunnel.ssh, "-o", "BatchMode=yes", "-o", "ControlPath=none",
             "-o", "ClearAllForwardings=yes",
             "-o", "ConnectTimeout=%d" % math.ceil(tunnel.check_timeout)]
-    argv += _target_args(tunnel)
-    if tunnel.identity_file:
-        argv += ["-i", tunnel.identity_file, "-o", "IdentitiesOnly=yes"]
-    for option in tunnel.ssh_options:
-        argv += ["-o", option]
-    return argv + list(tail)
+    return argv + _login_args(tunnel) + list(tail)
 
 
 def build_probe_argv(tunnel, address, port):
@@ -690,7 +694,10 @@ class MuxClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._settimeout()
-            self.sock.connect(path)
+            try:
+                self.sock.connect(path)
+            except socket.timeout:
+                raise MuxTimeout("no answer")
             msg_type, body = self.read_packet()
             if msg_type != MUX_MSG_HELLO:
                 raise MuxError("control master sent message 0x%08x instead of hello"
@@ -743,14 +750,14 @@ class MuxClient:
         """Send a request (and pass fds), return (type, body after the request id)."""
         self.request_id += 1
         self._settimeout()
-        self.sock.sendall(mux_packet(msg_type, self.request_id, *fields))
-        for fd in fds:      # one byte with each descriptor, as ssh's mm_send_fd does
-            self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                         fd.to_bytes(4, sys.byteorder))])
         try:
-            reply_type, body = self.read_packet()
+            self.sock.sendall(mux_packet(msg_type, self.request_id, *fields))
+            for fd in fds:      # one byte with each descriptor, as ssh's mm_send_fd does
+                self.sock.sendmsg([b"\0"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                             fd.to_bytes(4, sys.byteorder))])
         except socket.timeout:
             raise MuxTimeout("no answer")
+        reply_type, body = self.read_packet()
         (reply_id,) = mux_fields(body, "I")
         if reply_id != self.request_id:
             raise MuxError("control master answered request %d, not %d"
@@ -1314,12 +1321,15 @@ def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline, tab
     refused = "connect_to %s port %d: failed" % (forward.host.strip("[]"), forward.hostport)
     seen, interval = None, 0.001
     while True:
+        # a socket looked up once and found to be no target (a unix socket of
+        # another mux client) is not looked up again; one still connecting is
         new = socket_inodes(pid) - before
         for sock in table.sockets(new, time.monotonic()) if new else ():
             if _is_target(sock, forward):
                 if sock.state != TCP_SYN_SENT:
                     return "loop"
                 seen = sock
+        before |= new - ({seen.inode} if seen else set())
         if _log_size(tunnel) > log_offset and refused in _log_since(tunnel, log_offset):
             return "target refused"
         left = deadline - time.monotonic()
@@ -1655,9 +1665,6 @@ def explain_ssh_failure(tunnel, lines, rc):
     if rc not in (0, 255) and not is_openssh(tunnel.ssh):
         return ("%s is not OpenSSH's ssh client (it exited %d: %s); set ssh = the path of "
                 "ssh" % (tunnel.ssh, rc, said))
-    held = re.search(r"remote port forwarding failed for listen port (\d+)", said)
-    if held:
-        return "%s (%s)" % (said, why_port_refused(tunnel, int(held.group(1))))
     hints = (
         ("Could not resolve hostname", "check host, or the network"),
     )
@@ -1667,25 +1674,42 @@ def explain_ssh_failure(tunnel, lines, rc):
     return said
 
 
-def why_port_refused(tunnel, port):
-    """Say why the server would not listen on a -R port: policy, or held.
+def explain_held_port(tunnel, failure):
+    """ssh said "remote port forwarding failed for listen port N": find out why.
+
+    Returns (reclaimed, failure). reclaimed says which stale session of this
+    login was ended (the caller then launches again, and failure is None);
+    otherwise failure is ssh's line with the reason: the server's policy, a
+    live client, another program, or what the server would need.
+    """
+    m = re.search(r"remote port forwarding failed for listen port (\d+)", failure or "")
+    forward = m and next((f for f in tunnel.forwards
+                          if f.kind == "R" and f.port == int(m.group(1))), None)
+    if not forward:
+        return None, failure
+    why = why_port_refused(tunnel, forward)
+    if why is None:                 # something holds it: who?
+        reclaimed, why = inspect_port(tunnel, forward)
+        if reclaimed:
+            return reclaimed, None
+    return None, "%s (%s)" % (failure, why)
+
+
+def why_port_refused(tunnel, forward):
+    """Why the server will not listen on a -R port, or None when something holds it.
 
     One bounded connection asks for a channel to that port on the server:
     refused means nothing listens there, so the server's policy said no.
     """
-    forward = next((f for f in tunnel.forwards if f.kind == "R" and f.port == port), None)
-    if forward is None:
-        return "the server would not listen on port %d" % port
     address = check_address(forward)
-    rc, _, err = _run(build_probe_argv(tunnel, address, port), tunnel.check_timeout)
+    rc, _, err = _run(build_probe_argv(tunnel, address, forward.port), tunnel.check_timeout)
     if rc is not None and "Connection refused" in err:
         return ("nothing listens on %s:%d there: the server's policy refuses the port (see "
                 "permitlisten in authorized_keys, PermitListen, AllowTcpForwarding and "
                 "GatewayPorts in sshd_config); this is not a stale session"
-                % (address, port))
+                % (address, forward.port))
     if rc is None or rc == 0:
-        return ("something on the server holds %s:%d: a stale session of this box (set "
-                "ClientAliveInterval on the server) or another program" % (address, port))
+        return None
     return ("the server still holds the port, or refuses it: %s"
             % (_first_line(err) or "ssh exited %d" % rc))
 
@@ -1743,17 +1767,13 @@ def _hex_both_orders(address):
     return little.hex().upper(), raw.hex().upper()
 
 
-def inspect_port(tunnel, port):
+def inspect_port(tunnel, forward):
     """Who holds a -R port on the server? End a stale session of ours if allowed.
 
     Returns (reclaimed, why): reclaimed is one line saying what was ended (then
-    the caller launches again), why says who holds the port, or is "" when the
-    server could not be asked.
+    the caller launches again); else why says who holds the port.
     """
-    forward = next((f for f in tunnel.forwards if f.kind == "R" and f.port == port), None)
-    if forward is None:
-        return None, ""
-    address = check_address(forward)
+    address, port = check_address(forward), forward.port
     le, be = _hex_both_orders(address)
     script = STALE_SCRIPT % {"port": "%04X" % port, "le": le or "-", "be": be or "-",
                              "reclaim": tunnel.reclaim}
@@ -1884,14 +1904,9 @@ def _repair(tunnel, down, state, events, verbose, table):
     first = down.detail == "not running"
     stop_tunnel(tunnel)
     pid, failure = launch_tunnel(tunnel)
-    reclaimed, held = None, re.search(r"listen port (\d+) \(something on the server holds",
-                                       failure or "")
-    if held:
-        reclaimed, why = inspect_port(tunnel, int(held.group(1)))
-        if reclaimed:
-            pid, failure = launch_tunnel(tunnel)
-        elif why:
-            failure = "%slisten port %s (%s)" % (failure[:held.start()], held.group(1), why)
+    reclaimed, failure = explain_held_port(tunnel, failure)
+    if reclaimed:
+        pid, failure = launch_tunnel(tunnel)
     verdicts = []
     if failure is None:
         verdicts = run_ladder(tunnel, with_process=False, table=table)

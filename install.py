@@ -226,7 +226,7 @@ def ask_plan(args, asker):
         p.port = asker.ask("its ssh port", "22", ctunnel.parse_port, args.port, "--port")
         if not asker.interactive or args.host is not None:
             break                   # checked once every flag is known to be good
-        problem = unreachable(p)
+        problem, _ = reach_server(p)
         if not problem:
             break
         asker.say("  %s; try again." % problem)
@@ -272,25 +272,31 @@ def confirm_replace(p, args, asker):
                            ctunnel.parse_tunnel_name)
 
 
-def unreachable(plan):
-    """Why the server's ssh port cannot be reached, in words; None if it answers."""
+def reach_server(plan):
+    """Connect to the server's ssh port: return (why it cannot, in words, or None; its banner)."""
     try:
         host = resolved_ssh(plan)["hostname"]
     except Abort as e:
-        return str(e)
+        return str(e), b""
     split = re.match(r"^([^:]+):(\d+)$", host)
     try:
-        socket.create_connection((host, plan.port), timeout=REACH_TIMEOUT).close()
+        with socket.create_connection((host, plan.port), timeout=REACH_TIMEOUT) as sock:
+            return None, sock.recv(256)
     except socket.gaierror:
         hint = " (did you mean server %s, port %s?)" % split.groups() if split else ""
-        return "the name %s does not resolve%s" % (host, hint)
+        return "the name %s does not resolve%s" % (host, hint), b""
     except ConnectionRefusedError:
-        return "%s refused a connection on port %d: nothing listens there" % (host, plan.port)
+        return ("%s refused a connection on port %d: nothing listens there"
+                % (host, plan.port)), b""
     except socket.timeout:
-        return "no answer from %s port %d within %ds" % (host, plan.port, REACH_TIMEOUT)
+        return "no answer from %s port %d within %ds" % (host, plan.port, REACH_TIMEOUT), b""
     except OSError as e:
-        return "cannot reach %s port %d: %s" % (host, plan.port, e.strerror or e)
-    return None
+        return "cannot reach %s port %d: %s" % (host, plan.port, e.strerror or e), b""
+
+
+def server_kind(banner):
+    """openssh or dropbear, from the server's banner (SSH-2.0-dropbear_2022.83)."""
+    return "dropbear" if banner.lower().startswith(b"ssh-2.0-dropbear") else "openssh"
 
 
 def ask_forwards(args, asker):
@@ -682,17 +688,6 @@ def _dropbear_advice(plan, remote, local, sharing):
     return out
 
 
-def server_kind(plan):
-    """openssh or dropbear, from the server's banner (SSH-2.0-dropbear_2022.83)."""
-    try:
-        host = resolved_ssh(plan)["hostname"]
-        with socket.create_connection((host, plan.port), timeout=REACH_TIMEOUT) as sock:
-            banner = sock.recv(256)
-    except (OSError, Abort):
-        return "openssh"
-    return "dropbear" if banner.lower().startswith(b"ssh-2.0-dropbear") else "openssh"
-
-
 def _allowed(remote, local):
     parts = ["reverse forward %s" % ", ".join(str(f.port) for f in remote)] if remote else []
     if local:
@@ -746,10 +741,10 @@ def parse_args(argv):
 def setup(args, asker):
     plan = ask_plan(args, asker)
     asker.say("")
-    problem = unreachable(plan)
+    problem, banner = reach_server(plan)
     if problem:
         raise Abort(problem)
-    plan.server = server_kind(plan)
+    plan.server = server_kind(banner)
     ensure_host_key(plan, asker, args.accept_host_key)
     ensure_key(plan, asker)
     install_key(plan, asker, args.install_key)

@@ -573,7 +573,8 @@ def test_a_dropbear_server_gets_advice_that_dropbear_accepts(service, make_rig, 
             ssh_config, key, config = server.ssh_config, server.user_key, None
             remote = ["%d:127.0.0.1:%d" % (free_port(), service.port)]
             local = ["%d:127.0.0.1:%d" % (local_target, service.port)]
-        assert install.server_kind(Plan) == "dropbear"
+        problem, banner = install.reach_server(Plan)
+        assert problem is None and install.server_kind(banner) == "dropbear"
         Plan.server = "dropbear"
         advice = install.server_advice(Plan)
         line = next(l.strip() for l in advice.splitlines() if l.strip().startswith("no-pty"))
@@ -597,4 +598,5 @@ def test_a_dropbear_server_gets_advice_that_dropbear_accepts(service, make_rig, 
 def test_an_openssh_server_is_told_apart(box):
     class Plan:
         host, port, user, ssh_config = "127.0.0.1", box.server.port, "x", box.ssh_config
-    assert install.server_kind(Plan) == "openssh"
+    problem, banner = install.reach_server(Plan)
+    assert problem is None and install.server_kind(banner) == "openssh"

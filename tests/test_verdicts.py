@@ -375,13 +375,22 @@ def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch):
 @pytest.mark.parametrize("rc,stderr,sleep,why", [
     (255, "channel 0: open failed: connect failed: Connection refused\nstdio forwarding failed",
      None, "nothing listens on 127.0.0.1:1122 there: the server's policy refuses the port"),
-    (0, "", 5, "something on the server holds 127.0.0.1:1122: a stale session of this box"),
-    (0, "", None, "something on the server holds 127.0.0.1:1122"),
+    # something answered (or held the channel open): the follow-up command is asked
+    # who holds it; this fake ssh prints nothing, so the server "cannot be looked into"
+    (0, "", 5, "something on the server holds 127.0.0.1:1122, and ctunnel cannot look"),
+    (0, "", None, "something on the server holds 127.0.0.1:1122, and ctunnel cannot look"),
     (255, "ssh: connect to host vps port 22: Connection timed out", None,
      "the server still holds the port, or refuses it: ssh: connect to host vps port 22"),
 ])
 def test_a_refused_remote_port_is_classified(fake_ssh, rc, stderr, sleep, why):
     tunnel = fake_ssh(rc, stderr=stderr, sleep=sleep)
     said = "Error: remote port forwarding failed for listen port 1122"
-    text = ctunnel.explain_ssh_failure(tunnel, [said], 255)
+    reclaimed, text = ctunnel.explain_held_port(tunnel, said)
+    assert reclaimed is None
     assert text.startswith("%s (%s" % (said, why)), text
+
+
+def test_other_failures_are_not_taken_for_a_held_port(fake_ssh):
+    tunnel = fake_ssh(0)
+    assert ctunnel.explain_held_port(tunnel, "Permission denied") == (None, "Permission denied")
+    assert ctunnel.explain_held_port(tunnel, None) == (None, None)
