@@ -149,7 +149,8 @@ Forward = namedtuple("Forward", "kind bind port host hostport spec")
 Tunnel = namedtuple(
     "Tunnel",
     "name host user port identity_file ssh_config forwards ssh_options ssh "
-    "alive_interval alive_count check_timeout remote_check reclaim state_dir",
+    "alive_interval alive_count check_timeout remote_check reclaim state_dir client",
+    defaults=("openssh",),      # client: "openssh" or "dbclient", told from the ssh key
 )
 
 
@@ -365,6 +366,11 @@ def _load_tunnel(path, name, section):
         state_dir = _state_dir(values["state_dir"], name)
     except ValueError as e:
         raise ConfigError("%s: state_dir %s" % (where, e))
+    client = client_kind(values["ssh"])
+    if client == "dbclient":
+        problem = dbclient_cannot(values, forwards)
+        if problem:
+            raise ConfigError("%s: %s" % (where, problem))
     return Tunnel(name=name, host=values["host"], user=values["user"], port=values["port"],
                   identity_file=values["identity_file"], ssh_config=values["ssh_config"],
                   forwards=tuple(forwards), ssh_options=tuple(values["ssh_options"]),
@@ -372,7 +378,7 @@ def _load_tunnel(path, name, section):
                   alive_count=values["server_alive_count_max"],
                   check_timeout=values["check_timeout"],
                   remote_check=values["remote_check"], reclaim=values["reclaim"] == "yes",
-                  state_dir=state_dir)
+                  state_dir=state_dir, client=client)
 
 
 # Each parser takes the stripped value and returns it validated, or raises
@@ -450,6 +456,40 @@ def _positive(integer):
                              % (value, "whole number" if integer else "number"))
         return number
     return parse
+
+
+DROPBEAR_NAMES = ("dbclient", "dropbear", "dropbearmulti")
+DBCLIENT_OPTIONS = ("DisableTrivialAuth", "UseSyslog")   # -o options ctunnel leaves to you
+
+
+def client_kind(program):
+    """Is program OpenSSH's ssh or Dropbear's dbclient? Told by name, not by running it.
+
+    OpenWrt's /usr/bin/ssh is a symlink to the dropbear multi-call binary,
+    which acts as the client when called as ssh or dbclient.
+    """
+    names = {os.path.basename(program), os.path.basename(os.path.realpath(program))}
+    return "dbclient" if names & set(DROPBEAR_NAMES) else "openssh"
+
+
+def dbclient_cannot(values, forwards):
+    """What in a section dbclient cannot do ("" if nothing): said at load, exit 2."""
+    if values["ssh_config"]:
+        return "ssh_config: dbclient reads no ssh_config file; give host, port and user here"
+    for option in values["ssh_options"]:
+        if option.split("=")[0] not in DBCLIENT_OPTIONS:
+            return ('ssh_options "%s": dbclient knows only %s (ctunnel sets the rest itself)'
+                    % (option, ", ".join(DBCLIENT_OPTIONS)))
+    if values["remote_check"] == "nc":
+        return ("remote_check = nc needs OpenSSH's ssh (a control master); dbclient is "
+                "checked through a loopback forward: use auto")
+    if re.search("[,/]", values["host"]):
+        return 'host "%s": dbclient would read "," and "/" as hops and ports' % values["host"]
+    for forward in forwards:
+        if ":" in check_address(forward) + forward.host.strip("[]"):
+            return ("%s: ctunnel drives dbclient over IPv4 only; use an IPv4 address"
+                    % forward.spec)
+    return ""
 
 
 def _state_dir(value, name):
@@ -882,15 +922,20 @@ def write_state(tunnel, state):
     _write_atomic(state_path(tunnel, "state"), json.dumps(state, sort_keys=True) + "\n")
 
 
-def process_alive(pid):
-    """Return True if pid is a live process (zombies count as dead)."""
+def process_state(pid):
+    """Return the state letter of pid (R, S, T for stopped, Z...), "" if there is none."""
     try:
         with open("/proc/%d/stat" % pid) as f:
             stat = f.read()
     except OSError:
-        return False
+        return ""
     # the state letter follows the command name, which may itself hold ")"
-    return stat[stat.rfind(")") + 2:][:1] not in ("Z", "X", "")
+    return stat[stat.rfind(")") + 2:][:1]
+
+
+def process_alive(pid):
+    """Return True if pid is a live process (zombies count as dead)."""
+    return process_state(pid) not in ("Z", "X", "")
 
 
 def _cmdline(pid):
@@ -903,11 +948,12 @@ def _cmdline(pid):
 
 
 def is_tunnel_ssh(pid, tunnel):
-    """Return True if pid is this tunnel's ssh: ours, the ssh binary, our -S CTL.
+    """Return True if pid is this tunnel's ssh: ours, the ssh binary, its token.
 
-    The control socket path is unique to this tunnel, so a recycled PID or an
-    admin's own ssh never matches; the owner and /proc/PID/exe keep another
-    user's look-alike, or a program that only calls itself ssh, from matching.
+    The token is unique to this tunnel (for OpenSSH's ssh its -S CTL, see
+    the client's `owns`), so a recycled PID or an admin's own ssh never
+    matches; the owner and /proc/PID/exe keep another user's look-alike, or
+    a program that only calls itself ssh, from matching.
     """
     try:
         if os.stat("/proc/%d" % pid).st_uid != os.geteuid():
@@ -918,6 +964,11 @@ def is_tunnel_ssh(pid, tunnel):
     # a running ssh whose binary was upgraded since shows "PATH (deleted)"
     if exe.rsplit(" (deleted)", 1)[0] != os.path.realpath(tunnel.ssh):
         return False
+    return client_of(tunnel).owns(pid, tunnel)
+
+
+def has_control_socket(pid, tunnel):
+    """OpenSSH's token: the master was started with -S and this tunnel's socket."""
     args = _cmdline(pid)
     ctl = state_path(tunnel, "ctl")
     return any(a == "-S" and b == ctl for a, b in zip(args, args[1:]))
@@ -957,7 +1008,7 @@ def socket_inodes(pid):
 
 
 TcpSocket = namedtuple("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
-TCP_LISTEN, TCP_SYN_SENT = 0x0A, 0x02
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
 TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
 
 
@@ -1212,7 +1263,7 @@ def query_master(tunnel):
     return int(m.group(1)), None
 
 
-def check_master(tunnel, expected=None):
+def check_master(tunnel, expected=None, table=None):
     """Does the control master answer, and is it the expected PID? Return (pid, Verdict)."""
     try:
         with MuxClient(state_path(tunnel, "ctl"), _deadline(tunnel)) as mux:
@@ -1246,6 +1297,8 @@ class Channel:
     We keep the write end of its input: while we hold it the server sees no
     end of input, and the connection at the far end stays open while we look.
     """
+
+    own_port = None             # (dbclient's loopback probe has one: see Loopback)
 
     def __init__(self, tunnel, deadline):
         self.mux = MuxClient(state_path(tunnel, "ctl"), deadline)
@@ -1319,13 +1372,13 @@ def _await_loop(tunnel, forward, pid, before, channel, log_offset, deadline, tab
     "closed" (far end hung up with no sign either way) or "silent".
     """
     refused = "connect_to %s port %d: failed" % (forward.host.strip("[]"), forward.hostport)
-    seen, interval = None, 0.001
+    seen, interval, own = None, 0.001, channel.own_port
     while True:
         # a socket looked up once and found to be no target (a unix socket of
         # another mux client) is not looked up again; one still connecting is
         new = socket_inodes(pid) - before
         for sock in table.sockets(new, time.monotonic()) if new else ():
-            if _is_target(sock, forward):
+            if _is_target(sock, forward) and sock.local_port != own:
                 if sock.state != TCP_SYN_SENT:
                     return "loop"
                 seen = sock
@@ -1467,19 +1520,26 @@ def check_remote_forward(tunnel, forward, pid, table):
     return nc._replace(detail="%s, since %s" % (nc.detail, verdict.detail))
 
 
+def check_listener(tunnel, pid, table, address, port):
+    """Does pid listen on address:port? Return None if it does, else what is wrong."""
+    def binds(sock):
+        return sock.state == TCP_LISTEN and sock.local_port == port and \
+            sock.local_addr in (address, "0.0.0.0", "::")
+    if any(binds(s) for s in table.sockets(socket_inodes(pid))):
+        return None
+    if any(binds(s) for s in table.sockets(None)):
+        return "%s:%d is held by another program" % (address, port)
+    return "%s does not listen on %s:%d" % (client_of(tunnel).name, address, port)
+
+
 def check_local_forward(tunnel, forward, pid, table):
     """Does this tunnel's ssh own the -L listener, and does the server reach the target?"""
     name = "local forward %d" % forward.port
     address = check_address(forward)
     where = "%s:%d" % (address, forward.port)
-
-    def binds(sock):
-        return sock.state == TCP_LISTEN and sock.local_port == forward.port and \
-            sock.local_addr in (address, "0.0.0.0", "::")
-    if not any(binds(s) for s in table.sockets(socket_inodes(pid))):
-        if any(binds(s) for s in table.sockets(None)):
-            return Verdict(name, DOWN, "%s is held by another program" % where)
-        return Verdict(name, DOWN, "ssh does not listen on %s" % where)
+    problem = check_listener(tunnel, pid, table, address, forward.port)
+    if problem:
+        return Verdict(name, DOWN, problem)
     if tunnel.remote_check in ("nc", "none"):
         return Verdict(name, UP, "listening on %s" % where)
     target = "%s:%d" % (forward.host, forward.hostport)
@@ -1505,26 +1565,27 @@ def check_local_forward(tunnel, forward, pid, table):
                    % (where, target, _ms(began)))
 
 
-def run_ladder(tunnel, with_process=True, table=None, adopt=False):
+def run_ladder(tunnel, launched=None, table=None, adopt=False):
     """Run the checks cheapest first; stop at the first DOWN.
 
     Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
-    with_process=False starts at the master, for a tunnel just launched.
-    table: the tick's TcpTable, shared by every tunnel of the tick.
+    launched: the PID of a client just launched; the ladder then starts at
+    the master. table: the tick's TcpTable, shared by every tunnel of the tick.
     """
     table = table or TcpTable()
-    verdicts, expected = [], None
-    if with_process:
+    client = client_of(tunnel)
+    verdicts, expected = [], launched
+    if not launched:
         expected, verdict = check_process(tunnel, adopt)
         verdicts.append(verdict)
         if expected is None:
             return verdicts
-    pid, verdict = check_master(tunnel, expected)
+    pid, verdict = client.check_link(tunnel, expected, table)
     verdicts.append(verdict)
     if pid is None:
         return verdicts
     for forward in sorted(tunnel.forwards, key=lambda f: f.kind):    # -L first
-        check = check_local_forward if forward.kind == "L" else check_remote_forward
+        check = client.check_local if forward.kind == "L" else client.check_remote
         verdicts.append(check(tunnel, forward, pid, table))
         if verdicts[-1].state == DOWN:
             break
@@ -1620,7 +1681,7 @@ def launch_tunnel(tunnel):
     said = _lines_said(_log_since(tunnel, start, 16384)[-8192:])
     if rc != 0:
         return None, explain_ssh_failure(tunnel, said, rc)
-    pid, verdict = check_master(tunnel)
+    pid, verdict = check_master(tunnel, None)
     if pid is None:
         return None, "ssh started but %s" % verdict.detail
     try:
@@ -1841,6 +1902,369 @@ def is_openssh(program):
 
 
 # ---------------------------------------------------------------------------
+# Dropbear's dbclient: the same ladder without a control master
+# ---------------------------------------------------------------------------
+#
+# Stock OpenWrt has no OpenSSH client: its ssh is Dropbear's dbclient, which
+# has no control master, no BatchMode and no pidfile, and whose -f returns
+# before the server has answered the forwards. So ctunnel runs it in the
+# foreground, as a child of the tick in a session of its own (it outlives
+# the tick), and takes its PID from the launch. Each -R forward is proven
+# through a "loopback" -L in the same client: a connection to 127.0.0.1:C on
+# the box goes to the server's listener of the -R forward, and comes back
+# through this client to the target. No program runs and no new login.
+
+DBCLIENT_TOKEN = "CTUNNEL_TUNNEL"   # in dbclient's environment: whose it is
+# dbclient's stdin. Where it would ask (an unknown host key, a password) it
+# reads stdin when it has no terminal; /dev/null makes it spin at 100% CPU on
+# the question or send empty passwords. Ctrl-C is "no": it exits instead.
+NO_ANSWER = b"\x03\n"
+EXIT_GRACE = 0.5            # a dbclient refused a -R forward exits this soon after
+
+
+def build_dbclient_argv(tunnel, loopbacks):
+    """Return dbclient's argv: the forwards, then one loopback -L per checked -R.
+
+    loopbacks: a free box port for each (from dbclient_remotes), in order.
+    """
+    argv = [tunnel.ssh, "-N", "-T",
+            # a silent server is given up after about three keepalives
+            "-K", str(tunnel.alive_interval),
+            "-o", "ExitOnForwardFailure=yes"]
+    for flag, value in (("-p", tunnel.port), ("-l", tunnel.user),
+                        ("-i", tunnel.identity_file)):
+        if value:
+            argv += [flag, str(value)]
+    for option in tunnel.ssh_options:
+        argv += ["-o", option]
+    for fwd in tunnel.forwards:
+        argv += ["-" + fwd.kind, forward_arg(fwd)]
+    for fwd, port in zip(dbclient_remotes(tunnel), loopbacks):
+        argv += ["-L", "127.0.0.1:%s:%s:%d" % (port, check_address(fwd), fwd.port)]
+    return argv + [tunnel.host]
+
+
+def dbclient_remotes(tunnel):
+    """The -R forwards that get a loopback (all of them, unless remote_check = none)."""
+    return [f for f in tunnel.forwards if f.kind == "R" and tunnel.remote_check != "none"]
+
+
+def tunnel_token(tunnel):
+    return "%s=%s" % (DBCLIENT_TOKEN, os.path.join(tunnel.state_dir, tunnel.name))
+
+
+def has_tunnel_token(pid, tunnel):
+    """dbclient's token: ctunnel put this tunnel's path in its environment.
+
+    dbclient takes no option that could carry it without a warning; its
+    environment stays readable by its owner (Dropbear does not make itself
+    undumpable, as OpenSSH does).
+    """
+    try:
+        with open("/proc/%d/environ" % pid, "rb") as f:
+            environ = f.read(CMDLINE_MAX).split(b"\0")
+    except OSError:
+        return False
+    return tunnel_token(tunnel).encode() in environ
+
+
+def dbclient_loopbacks(pid, tunnel):
+    """Return {-R forward: its loopback port, or None}, read from dbclient's argv."""
+    args = _cmdline(pid)
+    configured = {forward_arg(f) for f in tunnel.forwards if f.kind == "L"}
+    ports = {}
+    for flag, spec in zip(args, args[1:]):
+        m = re.match(r"^127\.0\.0\.1:(\d+):(.+):(\d+)$", spec)
+        if flag == "-L" and m and spec not in configured:
+            ports[m.group(2), int(m.group(3))] = int(m.group(1))
+    return {f: ports.get((check_address(f), f.port)) for f in dbclient_remotes(tunnel)}
+
+
+def check_dbclient(tunnel, expected, table):
+    """dbclient has no master to ask: is it running (not frozen) and connected?"""
+    pid = expected
+    if process_state(pid) in ("T", "t"):
+        return None, Verdict("connection", DOWN, "dbclient (pid %d) is stopped: frozen" % pid)
+    port = tunnel.port or 22
+    if not any(s.remote_port == port and s.state == TCP_ESTABLISHED
+               for s in table.sockets(socket_inodes(pid))):
+        return None, Verdict("connection", DOWN, "dbclient (pid %d) holds no connection to "
+                             "the server's port %d" % (pid, port))
+    return pid, Verdict("connection", UP, "pid %d, connected to port %d" % (pid, port))
+
+
+class Loopback:
+    """A connection to dbclient's loopback port: what Channel is to a master."""
+
+    def __init__(self, port, deadline):
+        self.own_port = port        # dbclient's end of it is no target connection
+        self.output = socket.socket()
+        self.output.settimeout(max(0.001, deadline - time.monotonic()))
+        self.output.connect(("127.0.0.1", port))
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.output.close()
+
+
+def probe_loopback(tunnel, forward, pid, port, table, deadline):
+    """Send one connection round the loop; return _await_loop's outcome."""
+    before = socket_inodes(pid)
+    with Loopback(port, deadline) as loopback:
+        return _await_loop(tunnel, forward, pid, before, loopback, _log_size(tunnel),
+                           deadline, table)
+
+
+def _target_listens(forward, table):
+    """For a target on the box itself: does anything listen there? (None: cannot tell)"""
+    host = forward.host.strip("[]")
+    if host not in ("localhost", "::1") and not host.startswith("127."):
+        return None
+    return any(s.state == TCP_LISTEN and s.local_port == forward.hostport
+               for s in table.sockets(None))
+
+
+def check_loopback(tunnel, forward, pid, table):
+    """Prove a -R forward through dbclient's loopback: box C -> server -> box target."""
+    name, address = "remote forward %d" % forward.port, check_address(forward)
+    where, target = "%s:%d" % (address, forward.port), "%s:%d" % (forward.host,
+                                                                   forward.hostport)
+    if tunnel.remote_check == "none":
+        return Verdict(name, UP, "not checked (remote_check = none)")
+    port = dbclient_loopbacks(pid, tunnel).get(forward)
+    if port is None:
+        return Verdict(name, DOWN, "dbclient runs without the loopback that checks it "
+                       "(started from another config?)")
+    problem = check_listener(tunnel, pid, table, "127.0.0.1", port)
+    if problem:
+        return Verdict(name, DOWN, "its loopback: %s" % problem)
+    began = time.monotonic()
+    try:
+        outcome = probe_loopback(tunnel, forward, pid, port, table, began + tunnel.check_timeout)
+    except OSError as e:
+        return Verdict(name, DOWN, "its loopback 127.0.0.1:%d: %s" % (port, _why(e)))
+    if outcome == "closed" and _target_listens(forward, table) is False:
+        outcome = "target refused"
+    return {
+        "loop": Verdict(name, UP, "data path %s -> box %s proven in %s (loopback %d)"
+                        % (where, target, _ms(began), port)),
+        "target refused": Verdict(name, TARGET_DOWN, "the connection answers, but nothing "
+                                  "listens on %s on the box" % target),
+        "connecting": Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box does "
+                              "not answer" % target),
+        "closed": Verdict(name, UNKNOWN, "the server closed the loopback's channel to %s at "
+                          "once: it forbids it (permitopen), nothing listens there, or %s "
+                          "refused; dbclient does not say which" % (where, target)),
+        "silent": Verdict(name, DOWN, "no answer through the loopback within %gs: the "
+                          "connection is hung, or another program holds port %d on the server"
+                          % (tunnel.check_timeout, forward.port)),
+    }[outcome]
+
+
+def check_dbclient_local(tunnel, forward, pid, table):
+    """Does this tunnel's dbclient own the -L listener? (dbclient cannot ask the far end)"""
+    address = check_address(forward)
+    problem = check_listener(tunnel, pid, table, address, forward.port)
+    return Verdict("local forward %d" % forward.port, DOWN if problem else UP, problem or
+                   "listening on %s:%d (dbclient: the far end is not checked)"
+                   % (address, forward.port))
+
+
+def dbclient_knows_host(tunnel):
+    """Is the server in ~/.ssh/known_hosts as dbclient looks it up ("HOST TYPE KEY")?"""
+    try:
+        with open(expand_home("~/.ssh/known_hosts"), "rb") as f:
+            text = f.read(CONFIG_MAX)
+    except OSError:
+        return False
+    return any(line.startswith(tunnel.host.encode() + b" ") for line in text.splitlines())
+
+
+def _free_loopback_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_dbclient(tunnel):
+    """Start dbclient in the foreground, detached; return (pid, None) once it is up.
+
+    Up: each -R forward's loopback came back (or the server answered it while
+    dbclient lived on: it exits when a forward is refused), each -L listens.
+    Anything else within the launch time is (None, reason); dbclient is ended.
+    """
+    import subprocess
+    if not dbclient_knows_host(tunnel):
+        return None, ("the server's host key is not in %s yet, and dbclient would ask a "
+                      "question cron cannot answer: not starting it. Check the key's "
+                      "fingerprint with the server's admin and accept it once by hand: "
+                      "dbclient %s%s%s true" % (
+                          expand_home("~/.ssh/known_hosts"),
+                          "-p %d " % tunnel.port if tunnel.port else "",
+                          "-i %s " % tunnel.identity_file if tunnel.identity_file else "",
+                          "%s@%s" % (tunnel.user, tunnel.host) if tunnel.user
+                          else tunnel.host))
+    argv = build_dbclient_argv(tunnel, [_free_loopback_port() for _ in
+                                        dbclient_remotes(tunnel)])
+    limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
+    start = trim_log(tunnel)
+    log = os.open(state_path(tunnel, "log"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    answers, ours = os.pipe()
+    os.write(ours, NO_ANSWER)
+    os.close(ours)
+    env = {"HOME": expand_home("~"), "PATH": os.environ.get("PATH", os.defpath)}
+    env.update([tunnel_token(tunnel).split("=", 1)])
+    try:
+        proc = subprocess.Popen(argv, stdin=answers, stdout=log, stderr=log, env=env,
+                                start_new_session=True)
+    except OSError as e:
+        return None, "cannot run %s: %s" % (tunnel.ssh, e.strerror)
+    finally:
+        os.close(log)
+        os.close(answers)
+    deadline = time.monotonic() + limit
+    problem = "it did not connect"
+    while proc.poll() is None and time.monotonic() < deadline:
+        problem = _dbclient_not_ready(tunnel, proc.pid, deadline)
+        if problem is None or problem == "closed":
+            try:            # a refused forward makes it exit right after the answer
+                proc.wait(EXIT_GRACE if problem else 0)
+            except subprocess.TimeoutExpired:
+                pass
+            if proc.poll() is None:
+                break
+        time.sleep(0.05)
+    if proc.poll() is not None:
+        said = _lines_said(_log_since(tunnel, start, 16384)[-8192:])
+        return None, explain_dbclient_failure(tunnel, said, proc.returncode)
+    if problem not in (None, "closed"):
+        kill_processes([proc.pid])
+        proc.wait()
+        return None, "dbclient did not set up its forwards within %gs: %s" % (limit, problem)
+    try:
+        write_pidfile(tunnel, proc.pid)
+    except OSError:
+        pass            # the next tick adopts it by its token (see check_process)
+    return proc.pid, None
+
+
+def _dbclient_not_ready(tunnel, pid, deadline):
+    """None when every forward is set up; "closed" when a loopback's channel was
+    closed at once (the server answered: up, if dbclient lives on); else why not."""
+    table, closed = TcpTable(), False
+    loopbacks = dbclient_loopbacks(pid, tunnel)
+    if None in loopbacks.values():
+        return "it is gone"             # exited as we looked: the caller reads why
+    for forward in tunnel.forwards:
+        address, port = (("127.0.0.1", loopbacks[forward]) if forward in loopbacks
+                         else (check_address(forward), forward.port))
+        problem = check_listener(tunnel, pid, table, address, port)
+        if problem:
+            return problem
+        if forward in loopbacks:
+            try:
+                outcome = probe_loopback(tunnel, forward, pid, port, table,
+                                         min(deadline, time.monotonic() + tunnel.check_timeout))
+            except OSError as e:
+                return "its loopback 127.0.0.1:%d: %s" % (port, _why(e))
+            if outcome == "silent":
+                return "no answer through its loopback for -R %s" % forward.spec
+            closed = closed or outcome == "closed"
+    return "closed" if closed else None
+
+
+def explain_dbclient_failure(tunnel, lines, rc):
+    """Turn what a dbclient that exited said into one line the user can act on."""
+    said = lines[-1] if lines else "dbclient exited %d without a message" % rc
+    text = "\n".join(lines)
+    login = "%s@%s" % (tunnel.user, tunnel.host) if tunnel.user else tunnel.host
+    known_hosts = expand_home("~/.ssh/known_hosts")
+    fingerprint = re.search(r"\((\S+) fingerprint (\S+)\)", text)
+    if "host key mismatch" in text:
+        return ("the server's host key has CHANGED since it was accepted: this may be an "
+                "attack by someone between this box and %s. Not connecting. If the server "
+                "was reinstalled, check its new key's fingerprint with its admin, then remove "
+                "the line starting '%s ' from %s and accept the new key by hand"
+                % (tunnel.host, tunnel.host, known_hosts))
+    if fingerprint:
+        return ("dbclient does not trust the server's %s host key (%s): accept it once by "
+                "hand, after checking the fingerprint with the server's admin: dbclient %s%s "
+                "true" % (fingerprint.group(1), fingerprint.group(2),
+                          "-p %d " % tunnel.port if tunnel.port else "", login))
+    if "String too long" in text or key_is_openssh_format(tunnel.identity_file):
+        return ("%s (dbclient cannot read the key %s, which is in OpenSSH's format: convert "
+                "it with dropbearconvert openssh dropbear %s %s.dropbear and set "
+                "identity_file to the new file)" % (said, tunnel.identity_file,
+                                                    tunnel.identity_file, tunnel.identity_file))
+    if "password:" in text or said.endswith("Interrupted."):
+        return ("the server refused the key for %s and asked for a password, which ctunnel "
+                "never gives: put the key's public line (dropbearkey -y -f %s) in that user's "
+                "~/.ssh/authorized_keys on the server" % (login, tunnel.identity_file or "KEY"))
+    if "No auth methods could be used" in said:
+        return ("%s (the server refused the key for %s: check user, and that the key's public "
+                "line is in that user's ~/.ssh/authorized_keys on the server)" % (said, login))
+    held = re.search(r"Remote TCP forward request failed \(port (\d+)", said)
+    if held:
+        return ("%s (the server would not listen on port %s: another session holds it (a "
+                "stale one, if this box lost power or its line) or its policy forbids it)"
+                % (said, held.group(1)))
+    return said
+
+
+def key_is_openssh_format(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
+    except (OSError, TypeError):
+        return False
+
+
+def dry_run_dbclient(t, out):
+    out.write("# %s: dbclient, checked through its own connection: each -R forward by a "
+              "loopback -L 127.0.0.1:Cn (no program run; Cn: a free port chosen at launch)\n"
+              % t.name)
+    out.write("# if a check fails (with HOME=%s, in its own session, stdin answering no):\n%s\n"
+              % (expand_home("~"), quote_argv(build_dbclient_argv(
+                  t, ["C%d" % n for n, _ in enumerate(dbclient_remotes(t), 1)]))))
+
+
+# ---------------------------------------------------------------------------
+# The clients: what differs between OpenSSH's ssh and Dropbear's dbclient
+# ---------------------------------------------------------------------------
+#
+# The tick, the repair and status use only these. launch(tunnel) -> (pid,
+# failure); owns(pid, tunnel): the token that makes a process this tunnel's;
+# check_link(tunnel, pid, table) -> (pid, Verdict): the master, or dbclient's
+# connection; check_local / check_remote(tunnel, forward, pid, table): a forward.
+
+def dry_run_openssh(t, out):
+    out.write("# %s: checks over the control socket %s (no program run)\n"
+              % (t.name, state_path(t, "ctl")))
+    for f in t.forwards:
+        if f.kind == "R" and t.remote_check in ("auto", "nc"):
+            out.write("# %s%s\n" % ("if the server forbids channels: " if
+                                    t.remote_check == "auto" else "",
+                                    quote_argv(build_mux_argv(
+                                        t, remote_nc_command(f, t.check_timeout)))))
+    out.write("# if a check fails:\n" + quote_argv(build_launch_argv(t)) + "\n")
+
+
+Client = namedtuple("Client", "name launch owns check_link check_local check_remote dry_run")
+CLIENTS = {
+    "openssh": Client("ssh", launch_tunnel, has_control_socket, check_master,
+                      check_local_forward, check_remote_forward, dry_run_openssh),
+    "dbclient": Client("dbclient", launch_dbclient, has_tunnel_token, check_dbclient,
+                       check_dbclient_local, check_loopback, dry_run_dbclient),
+}
+
+
+def client_of(tunnel):
+    return CLIENTS[tunnel.client]
+
+
+# ---------------------------------------------------------------------------
 # The tick: check, repair, report
 # ---------------------------------------------------------------------------
 
@@ -1903,13 +2327,14 @@ def _repair(tunnel, down, state, events, verbose, table):
     reason = _down_reason(tunnel, down)
     first = down.detail == "not running"
     stop_tunnel(tunnel)
-    pid, failure = launch_tunnel(tunnel)
+    launch = client_of(tunnel).launch
+    pid, failure = launch(tunnel)
     reclaimed, failure = explain_held_port(tunnel, failure)
     if reclaimed:
-        pid, failure = launch_tunnel(tunnel)
+        pid, failure = launch(tunnel)
     verdicts = []
     if failure is None:
-        verdicts = run_ladder(tunnel, with_process=False, table=table)
+        verdicts = run_ladder(tunnel, launched=pid, table=table)
         if verbose:
             events += _verdict_events(tunnel, verdicts)
         after = first_down(verdicts)
@@ -2185,15 +2610,7 @@ def cmd_stop(tunnels, args, reporter):
 
 def cmd_dry_run(tunnels, out):
     for t in tunnels:
-        out.write("# %s: checks over the control socket %s (no program run)\n"
-                  % (t.name, state_path(t, "ctl")))
-        for f in t.forwards:
-            if f.kind == "R" and t.remote_check in ("auto", "nc"):
-                out.write("# %s%s\n" % ("if the server forbids channels: " if
-                                        t.remote_check == "auto" else "",
-                                        quote_argv(build_mux_argv(
-                                            t, remote_nc_command(f, t.check_timeout)))))
-        out.write("# if a check fails:\n" + quote_argv(build_launch_argv(t)) + "\n")
+        client_of(t).dry_run(t, out)
     return EXIT_OK
 
 

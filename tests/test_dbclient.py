@@ -1,0 +1,256 @@
+"""Dropbear's dbclient as the box's client (stock OpenWrt), against a real OpenSSH sshd.
+
+The box runs as a throwaway user whose home is a temp dir: dbclient reads
+~/.ssh/known_hosts from there, never from the real HOME.
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import pytest
+
+from conftest import (CTUNNEL, Service, SshServer, ThrowawayUser, connect_read, end_pids,
+                      free_port, pid_alive, pids_with_arg, wait_for)
+
+DBCLIENT = shutil.which("dbclient") or "/usr/bin/dbclient"
+
+
+class Box:
+    """A box user with a Dropbear-format key, known_hosts in dbclient's form and a config."""
+
+    def __init__(self, server, known=True):
+        self.server = server
+        self.top = tempfile.mkdtemp(prefix="ctd", dir="/tmp")
+        os.chmod(self.top, 0o755)
+        self.user = ThrowawayUser(os.path.join(self.top, "h"))
+        self.home = self.user.home
+        self.dot_ssh = os.path.join(self.home, ".ssh")
+        os.makedirs(self.dot_ssh, mode=0o700)
+        self.key = os.path.join(self.dot_ssh, "id_dropbear")
+        subprocess.run(["dropbearconvert", "openssh", "dropbear", server.user_key, self.key],
+                       check=True, capture_output=True, stdin=subprocess.DEVNULL)
+        if known:
+            self.know(server)
+        self.conf = os.path.join(self.home, "c.conf")
+        self.remote = free_port()
+
+    def know(self, server, key_data=None):
+        with open(server.host_key + ".pub") as f:
+            key_type, data = f.read().split()[:2]
+        with open(os.path.join(self.dot_ssh, "known_hosts"), "w") as f:
+            f.write("127.0.0.1 %s %s\n" % (key_type, key_data or data))
+        self.chown()
+
+    def chown(self):
+        for top, dirs, files in os.walk(self.home):
+            for name in [top] + [os.path.join(top, n) for n in dirs + files]:
+                os.lchown(name, self.user.uid, self.user.gid)
+
+    def write_config(self, target_port, ssh=DBCLIENT, check_timeout=3, **keys):
+        lines = ["[pi]", "host = 127.0.0.1", "port = %d" % self.server.port,
+                 "user = %s" % self.server.user, "identity_file = ~/.ssh/id_dropbear",
+                 "ssh = %s" % ssh, "check_timeout = %s" % check_timeout,
+                 "remote_forward = %d:127.0.0.1:%d" % (self.remote, target_port)]
+        lines += ["%s = %s" % kv for kv in keys.items()]
+        with open(self.conf, "w") as f:
+            f.write("\n".join(lines) + "\n")
+        self.chown()
+
+    def run(self, *args, home=None, timeout=60):
+        return subprocess.run(
+            ["setpriv", "--reuid=%d" % self.user.uid, "--regid=%d" % self.user.gid,
+             "--clear-groups", sys.executable, CTUNNEL, "-c", self.conf] + list(args),
+            env={"HOME": home or self.home, "PATH": "/usr/bin:/bin"}, capture_output=True,
+            text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+
+    def state(self, suffix):
+        return os.path.join(self.home, ".local", "state", "ctunnel", "pi." + suffix)
+
+    def pid(self):
+        with open(self.state("pid")) as f:
+            return int(f.read())
+
+    def clients(self):
+        """Live dbclient processes of this box (their argv names its key)."""
+        return [p for p in pids_with_arg(self.home) if p != os.getpid()]
+
+    def remove(self):
+        end_pids(self.clients())
+        self.user.remove()
+        shutil.rmtree(self.top, ignore_errors=True)
+
+
+@pytest.fixture
+def make_box():
+    boxes = []
+
+    def make(server, **kw):
+        boxes.append(Box(server, **kw))
+        return boxes[-1]
+    yield make
+    for box in boxes:
+        box.remove()
+
+
+@pytest.fixture
+def box(sshd, make_box):
+    return make_box(sshd)
+
+
+def test_first_tick_brings_a_dbclient_tunnel_up_and_proves_the_loop(box, service):
+    box.write_config(service.port)
+    tick = box.run()
+    assert (tick.returncode, tick.stderr.count("\n")) == (0, 1), tick.stderr
+    assert "pi: started (pid %d)" % box.pid() in tick.stderr
+    assert connect_read(box.remote) == service.greeting
+    with open("/proc/%d/cmdline" % box.pid(), "rb") as f:
+        argv = f.read().split(b"\0")
+    assert os.path.realpath(argv[0]) == os.path.realpath(DBCLIENT).encode() and b"-S" not in argv
+    verbose = box.run("-v")
+    assert verbose.returncode == 0
+    assert "connection UP" in verbose.stderr
+    assert "remote forward %d UP (data path 127.0.0.1:%d -> box 127.0.0.1:%d proven" % (
+        box.remote, box.remote, service.port) in verbose.stderr
+    assert box.run().stderr == ""               # healthy: silent
+    status = box.run("status")
+    assert status.returncode == 0 and "pi: healthy, pid %d" % box.pid() in status.stdout
+    stop = box.run("stop")
+    assert stop.returncode == 0 and "pi: stopped" in stop.stderr
+    assert box.clients() == []
+
+
+def test_killed_dbclient_is_restarted(box, service):
+    box.write_config(service.port)
+    assert box.run().returncode == 0
+    old = box.pid()
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: not pid_alive(old), what="dbclient to die")
+    tick = box.run()
+    assert tick.returncode == 0, tick.stderr
+    assert "pi: restarted (process %d gone" % old in tick.stderr
+    assert box.pid() != old and connect_read(box.remote) == service.greeting
+
+
+def test_frozen_dbclient_is_repaired_within_two_ticks(box, service):
+    box.write_config(service.port)
+    assert box.run().returncode == 0
+    frozen = box.pid()
+    os.kill(frozen, signal.SIGSTOP)
+    ticks = [box.run()]
+    if ticks[0].returncode != 0:
+        ticks.append(box.run())
+    assert ticks[-1].returncode == 0, [t.stderr for t in ticks]
+    assert "frozen" in ticks[0].stderr and "restarted" in ticks[-1].stderr
+    assert not pid_alive(frozen) and box.pid() != frozen
+    assert connect_read(box.remote) == service.greeting
+
+
+def test_port_taken_on_the_server_is_one_clear_line_and_never_started(box, service):
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", box.remote))
+    squatter.listen()
+    try:
+        box.write_config(service.port)
+        tick = box.run()
+        assert tick.returncode == 1
+        assert tick.stderr.count("\n") == 1 and "started" not in tick.stderr, tick.stderr
+        assert "pi: start failed: " in tick.stderr
+        assert "would not listen on port %d" % box.remote in tick.stderr
+        assert box.clients() == []
+    finally:
+        squatter.close()
+
+
+def test_unknown_host_key_is_one_line_and_nothing_runs(sshd, make_box, service):
+    box = make_box(sshd, known=False)
+    box.write_config(service.port)
+    began = time.monotonic()
+    tick = box.run(timeout=30)
+    assert time.monotonic() - began < 30
+    assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
+    assert "host key is not in %s/.ssh/known_hosts" % box.home in tick.stderr
+    assert box.clients() == [] and not os.path.exists(box.state("pid"))
+
+
+def test_a_changed_host_key_is_loud_and_nothing_runs(box, service):
+    box.know(box.server, key_data="AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0"
+                                  "dh2l9GKJl")
+    box.write_config(service.port)
+    tick = box.run(timeout=30)
+    assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
+    assert "host key has CHANGED" in tick.stderr and "may be an attack" in tick.stderr
+    assert box.clients() == []
+
+
+def test_wrong_key_against_a_password_server_fails_clearly(tmp_path, make_box, service):
+    server = SshServer(str(tmp_path), extra=["PasswordAuthentication yes"])
+    try:
+        box = make_box(server)
+        subprocess.run(["dropbearkey", "-t", "ed25519", "-f", box.key + ".new"], check=True,
+                       capture_output=True)
+        os.replace(box.key + ".new", box.key)
+        box.chown()
+        box.write_config(service.port)
+        began = time.monotonic()
+        tick = box.run(timeout=30)
+        assert time.monotonic() - began < 15
+        assert tick.returncode == 1 and "started" not in tick.stderr, tick.stderr
+        assert "refused the key for %s@127.0.0.1 and asked for a password" % server.user \
+            in tick.stderr
+        assert box.clients() == []
+    finally:
+        server.stop()
+
+
+def test_an_openssh_format_key_says_how_to_convert_it(box, service):
+    shutil.copy(box.server.user_key, box.key)
+    box.chown()
+    box.write_config(service.port)
+    tick = box.run()
+    assert tick.returncode == 1 and "dropbearconvert openssh dropbear" in tick.stderr
+    assert box.clients() == []
+
+
+def test_a_symlink_named_ssh_is_told_to_be_dbclient(box, service):
+    """OpenWrt's /usr/bin/ssh is a symlink to Dropbear."""
+    bin_dir = os.path.join(box.home, "bin")
+    os.makedirs(bin_dir)
+    os.symlink(DBCLIENT, os.path.join(bin_dir, "ssh"))
+    box.write_config(service.port, ssh="~/bin/ssh")
+    dry = box.run("-n")
+    assert dry.returncode == 0, dry.stderr
+    launch = dry.stdout.splitlines()[-1].split()
+    assert launch[0] == os.path.join(bin_dir, "ssh") and "-S" not in launch
+    assert launch[-1] == "127.0.0.1" and "ExitOnForwardFailure=yes" in launch
+    assert "-L" in launch and "127.0.0.1:C1:127.0.0.1:%d" % box.remote in launch
+    assert "dbclient" in dry.stdout
+    tick = box.run()
+    assert tick.returncode == 0 and "started" in tick.stderr, tick.stderr
+    assert connect_read(box.remote) == service.greeting
+
+
+def test_boot_time_HOME_and_cron_HOME_share_one_dbclient_tunnel(box, service):
+    box.write_config(service.port)
+    boot = box.run(home="/")
+    assert boot.returncode == 0 and "started" in boot.stderr, boot.stderr
+    later = box.run()
+    assert (later.returncode, later.stderr) == (0, "")
+    stop = box.run("stop", home="/")
+    assert "pi: stopped" in stop.stderr and box.clients() == []
+
+
+def test_a_dead_target_is_TARGET_DOWN_said_once_and_never_restarted(box):
+    dead = free_port()
+    box.write_config(dead)
+    first = box.run()
+    assert first.returncode == 0, first.stderr
+    assert "pi: started" in first.stderr
+    assert "nothing listens on 127.0.0.1:%d on the box (not restarting)" % dead in first.stderr
+    pid = box.pid()
+    assert (box.run().stderr, box.pid()) == ("", pid)
