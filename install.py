@@ -31,12 +31,14 @@ import argparse
 import os
 import pwd
 import re
+import select
 import shlex
 import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import ctunnel  # noqa: E402  (beside this file; its parsing and validation are reused)
@@ -219,6 +221,14 @@ def local_user():
 def ask_plan(args, asker):
     """Ask everything that needs no network; return the answers as a Namespace."""
     p = argparse.Namespace(ssh_config=args.ssh_config, replaced=set())
+    p.ssh = shutil.which(args.ssh or "ssh") or (None if args.ssh else shutil.which("dbclient"))
+    if not p.ssh:
+        raise Abort("%s: no such program (give --ssh, the path of ssh or dbclient)"
+                    % (args.ssh or "ssh"), 2)
+    p.client = ctunnel.client_kind(p.ssh)
+    if p.client == "dbclient" and args.ssh_config:
+        raise Abort("--ssh-config: %s is Dropbear's dbclient, which reads no ssh_config"
+                    % p.ssh, 2)
     asker.say("ctunnel setup: a tunnel from this box to an ssh server, kept up by cron.\n")
     while True:
         p.host = asker.ask("ssh server (name, IP or ssh_config alias)",
@@ -275,7 +285,8 @@ def confirm_replace(p, args, asker):
 def reach_server(plan):
     """Connect to the server's ssh port: return (why it cannot, in words, or None; its banner)."""
     try:
-        host = resolved_ssh(plan)["hostname"]
+        host = plan.host if getattr(plan, "client", "") == "dbclient" else \
+            resolved_ssh(plan)["hostname"]
     except Abort as e:
         return str(e), b""
     split = re.match(r"^([^:]+):(\d+)$", host)
@@ -443,7 +454,9 @@ def install_key(plan, asker, preset):
     batch = [] if asker.interactive else ["-o", "BatchMode=yes"]
     # ssh-copy-id keeps its temp files in ~/.ssh: a fresh box may have none
     os.makedirs(os.path.expanduser("~/.ssh"), mode=0o700, exist_ok=True)
-    if shutil.which("ssh-copy-id"):
+    # ssh-copy-id takes any Dropbear server for OpenWrt's root and writes
+    # /etc/dropbear/authorized_keys: a plain user there gets "Permission denied"
+    if shutil.which("ssh-copy-id") and getattr(plan, "server", "") != "dropbear":
         argv = ["ssh-copy-id", "-i", plan.key + ".pub", "-p", str(plan.port)] + \
             (["-F", plan.ssh_config] if plan.ssh_config else []) + batch + \
             ["%s@%s" % (plan.user, plan.host)]
@@ -506,6 +519,147 @@ def check_server(plan, asker):
 
 
 # ---------------------------------------------------------------------------
+# The same steps with Dropbear's dbclient (stock OpenWrt: no ssh-keygen,
+# ssh-keyscan or ssh-copy-id)
+# ---------------------------------------------------------------------------
+
+def dbclient_run(plan, *command, stdin=b"", terminal=False, agent=False, key=True):
+    """Run dbclient once; return (status or None on timeout, what it said).
+
+    Its stdin starts with ctunnel's "no" (Ctrl-C): without a terminal, every
+    question dbclient would ask (a host key, a password) is answered no.
+    terminal: keep this one's terminal, for a password the user types.
+    """
+    argv = [plan.ssh, "-p", str(plan.port), "-l", plan.user] + \
+        (["-i", plan.key] if key else []) + [plan.host] + list(command)
+    env = dict(os.environ, HOME=ctunnel.expand_home("~"))
+    env.pop("DROPBEAR_PASSWORD", None)
+    if not agent:
+        env.pop("SSH_AUTH_SOCK", None)
+    try:
+        done = subprocess.run(argv, input=ctunnel.NO_ANSWER + stdin, capture_output=True,
+                              env=env, timeout=SSH_TIMEOUT, start_new_session=not terminal)
+    except subprocess.TimeoutExpired:
+        return None, "no answer within %ds" % SSH_TIMEOUT
+    return done.returncode, done.stderr.decode("utf-8", "replace").strip()
+
+
+def _as_tunnel(plan):
+    return argparse.Namespace(host=plan.host, port=plan.port, user=plan.user,
+                              identity_file=plan.key)
+
+
+def dbclient_host_key(plan, asker, accept):
+    """Show the server's host key as dbclient sees it; on a yes, dbclient records it."""
+    if ctunnel.dbclient_knows_host(plan):
+        return
+    env = dict(os.environ, HOME=ctunnel.expand_home("~"))
+    for name in ("SSH_AUTH_SOCK", "DROPBEAR_PASSWORD"):
+        env.pop(name, None)
+    proc = subprocess.Popen([plan.ssh, "-p", str(plan.port), "-l", plan.user, plan.host,
+                             "true"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, env=env, start_new_session=True)
+    try:
+        said, deadline = b"", time.monotonic() + SSH_TIMEOUT
+        while b"(y/n)" not in said and time.monotonic() < deadline:
+            if select.select([proc.stderr], [], [], 1)[0]:
+                chunk = os.read(proc.stderr.fileno(), 4096)
+                if not chunk:
+                    break
+                said += chunk
+        m = re.search(r"\((\S+) fingerprint (\S+)\)", said.decode("utf-8", "replace"))
+        if not m:
+            lines = [l for l in said.decode("utf-8", "replace").splitlines() if l.strip()]
+            raise Abort("cannot read the host key of %s port %d: %s"
+                        % (plan.host, plan.port, lines[-1] if lines else "no answer"))
+        asker.say("\nThe server %s is not in %s yet. dbclient sees its key as:"
+                  % (plan.host, ctunnel.expand_home("~/.ssh/known_hosts")))
+        asker.say("  %s %s" % (m.group(1), m.group(2)))
+        asker.say("Compare on the server: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub "
+                  "(Dropbear: dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key)")
+        trusted = asker.confirm("is this the server's key?", False, True if accept else None)
+        # "y" to the question; a password prompt that may follow gets the "no"
+        proc.stdin.write(b"y\n" + ctunnel.NO_ANSWER if trusted else ctunnel.NO_ANSWER)
+        proc.stdin.close()
+        proc.wait(SSH_TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if not trusted:
+        raise Abort("host key not trusted; run again when you have checked it "
+                    "(or pass --accept-host-key)")
+    if not ctunnel.dbclient_knows_host(plan):
+        raise Abort("dbclient did not record the host key in %s"
+                    % ctunnel.expand_home("~/.ssh/known_hosts"))
+    asker.say("  added to %s" % ctunnel.expand_home("~/.ssh/known_hosts"))
+
+
+def dbclient_key(plan, asker):
+    """A Dropbear-format key (dropbearkey), with its public line in KEY.pub."""
+    if os.path.exists(plan.key) and ctunnel.key_is_openssh_format(plan.key):
+        converted = plan.key + ".dropbear"
+        if not os.path.exists(converted):
+            subprocess.run(["dropbearconvert", "openssh", "dropbear", plan.key, converted],
+                           stdin=subprocess.DEVNULL, capture_output=True, check=True)
+        asker.say("%s is in OpenSSH's format, which dbclient cannot read: using its "
+                  "Dropbear copy %s" % (plan.key, converted))
+        plan.key = converted
+    made = not os.path.exists(plan.key)
+    if made:
+        os.makedirs(os.path.dirname(plan.key), mode=0o700, exist_ok=True)
+        subprocess.run(["dropbearkey", "-t", "ed25519", "-f", plan.key],
+                       stdin=subprocess.DEVNULL, capture_output=True, check=True)
+    if made or not os.path.exists(plan.key + ".pub"):
+        public = subprocess.run(["dropbearkey", "-y", "-f", plan.key], capture_output=True,
+                                text=True, stdin=subprocess.DEVNULL, check=True).stdout
+        line = next(l for l in public.splitlines() if l.startswith(("ssh-", "ecdsa-")))
+        with open(plan.key + ".pub", "w") as f:
+            f.write(" ".join(line.split()[:2] + ["ctunnel %s@%s" % (plan.name,
+                                                                   socket.gethostname())])
+                    + "\n")
+    if made:
+        asker.say("Made a new key: %s (public half: %s.pub)" % (plan.key, plan.key))
+
+
+def dbclient_install_key(plan, asker, preset):
+    """Put the public key on the server with dbclient, unless the key logs in already."""
+    if dbclient_run(plan, "true")[0] == 0:
+        asker.say("The key already logs in to the server.")
+        return
+    if not asker.confirm("install the public key on the server now (you may be asked "
+                         "for your password there)?", True, preset):
+        return
+    with open(plan.key + ".pub", "rb") as f:
+        public = f.read()
+    # the first line of stdin is the "no" for questions; the server skips it
+    status, said = dbclient_run(
+        plan, "umask 077; mkdir -p .ssh && { read -r _; cat >> .ssh/authorized_keys; }",
+        stdin=public, terminal=asker.interactive, agent=True, key=False)
+    if status != 0:
+        raise Abort("installing the key with dbclient failed: %s"
+                    % (said.splitlines() or ["exit %s" % status])[-1])
+
+
+def dbclient_prove_login(plan):
+    status, said = dbclient_run(plan, "true")
+    if status != 0:
+        raise Abort("a non-interactive login with %s fails: %s" % (plan.key, (
+            ctunnel.explain_dbclient_failure(_as_tunnel(plan), said.splitlines(), status)
+            if status is not None else said)))
+
+
+Steps = argparse.Namespace
+OPENSSH_STEPS = Steps(ensure_host_key=ensure_host_key, ensure_key=ensure_key,
+                      install_key=install_key, prove_login=prove_login,
+                      check_server=check_server)
+# the first tick says whether a reverse port is taken (dbclient has no ssh -W)
+DBCLIENT_STEPS = Steps(ensure_host_key=dbclient_host_key, ensure_key=dbclient_key,
+                       install_key=dbclient_install_key, prove_login=dbclient_prove_login,
+                       check_server=lambda plan, asker: None)
+
+
+# ---------------------------------------------------------------------------
 # The config file: one section replaced, the rest kept
 # ---------------------------------------------------------------------------
 
@@ -517,6 +671,8 @@ def section_text(plan):
              "# login user on the server", "user = %s" % plan.user,
              "# this tunnel's own key, without passphrase (cron cannot type one)",
              "identity_file = %s" % plan.key]
+    if getattr(plan, "client", "") == "dbclient":
+        lines += ["# the ssh client: Dropbear's dbclient", "ssh = %s" % plan.ssh]
     if plan.ssh_config:
         lines += ["# ssh_config file, passed as ssh -F", "ssh_config = %s" % plan.ssh_config]
     if plan.remote:
@@ -715,6 +871,8 @@ def parse_args(argv):
     parser.add_argument("--identity-file", help="key to use, made if missing (default %s)"
                         % (DEFAULT_KEY % "NAME"))
     parser.add_argument("--ssh-config", help="ssh_config file for ssh -F (default: none)")
+    parser.add_argument("--ssh", metavar="PROGRAM", help="the ssh client the tunnel runs: ssh "
+                        "or Dropbear's dbclient (default: ssh, else dbclient)")
     parser.add_argument("--config", help="config file to write (default: where ctunnel.py "
                         "looks first)")
     cron = parser.add_mutually_exclusive_group()
@@ -745,12 +903,13 @@ def setup(args, asker):
     if problem:
         raise Abort(problem)
     plan.server = server_kind(banner)
-    ensure_host_key(plan, asker, args.accept_host_key)
-    ensure_key(plan, asker)
-    install_key(plan, asker, args.install_key)
-    prove_login(plan)
+    steps = DBCLIENT_STEPS if plan.client == "dbclient" else OPENSSH_STEPS
+    steps.ensure_host_key(plan, asker, args.accept_host_key)
+    steps.ensure_key(plan, asker)
+    steps.install_key(plan, asker, args.install_key)
+    steps.prove_login(plan)
     asker.say("Login with the key works.")
-    check_server(plan, asker)
+    steps.check_server(plan, asker)
     write_config(plan)
     asker.written = plan.config
     asker.say("Wrote [%s] to %s (mode 600)." % (plan.name, plan.config))

@@ -254,3 +254,80 @@ def test_a_dead_target_is_TARGET_DOWN_said_once_and_never_restarted(box):
     assert "nothing listens on 127.0.0.1:%d on the box (not restarting)" % dead in first.stderr
     pid = box.pid()
     assert (box.run().stderr, box.pid()) == ("", pid)
+
+
+INSTALL = CTUNNEL.replace("ctunnel.py", "install.py")
+# the wizard runs its ticks with its own interpreter: one a box user may run
+BOX_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+
+
+@pytest.mark.parametrize("client", ["ssh", "dbclient"])
+def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
+    """The whole wizard, as a box user, to a Dropbear server: host key, a key made (for
+    dbclient in Dropbear's format), installed through the user's agent, login proven, the
+    first tick up; then its key line applied on the server, and the tunnel up again."""
+    from conftest import DropbearServer
+    top = tempfile.mkdtemp(prefix="ctw", dir="/tmp")
+    os.chmod(top, 0o755)
+    server = DropbearServer(os.path.join(top, "srv"))
+    box = Box.__new__(Box)
+    box.top, box.server = top, server
+    box.user = ThrowawayUser(os.path.join(top, "h"))
+    box.home, box.dot_ssh = box.user.home, os.path.join(box.user.home, ".ssh")
+    agent = None
+    try:
+        os.makedirs(box.dot_ssh, mode=0o700)
+        login = os.path.join(box.dot_ssh, "login")
+        shutil.copy(server.user_key, login)
+        box.chown()
+        os.chmod(login, 0o600)
+        as_box = ["setpriv", "--reuid=%d" % box.user.uid, "--regid=%d" % box.user.gid,
+                  "--clear-groups"]
+        sock = os.path.join(box.home, "agent.sock")
+        env = {"HOME": box.home, "PATH": "/usr/bin:/bin", "SSH_AUTH_SOCK": sock}
+        agent = subprocess.Popen(as_box + ["ssh-agent", "-D", "-a", sock],
+                                 stdout=subprocess.DEVNULL, env=env)
+        wait_for(lambda: os.path.exists(sock), what="ssh-agent")
+        subprocess.run(as_box + ["ssh-add", "-q", login], env=env, check=True,
+                       stderr=subprocess.DEVNULL)
+        remote = free_port()
+        box.conf = os.path.join(box.home, "c.conf")
+        wizard = subprocess.run(
+            as_box + [BOX_PYTHON, INSTALL, "--yes", "--host", "127.0.0.1", "--port",
+                      str(server.port), "--user", server.user, "--name", "cam",
+                      "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
+                      "--accept-host-key", "--install-key", "--no-cron", "--config",
+                      box.conf, "--ssh", client],
+            env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+        assert wizard.returncode == 0, wizard.stdout + wizard.stderr
+        assert "cam: started" in wizard.stderr and "Login with the key works" in wizard.stdout
+        key = os.path.join(box.dot_ssh, "ctunnel_cam_ed25519")
+        with open(key, "rb") as f:
+            openssh_format = f.read(64).startswith(b"-----BEGIN OPENSSH")
+        assert openssh_format == (client == "ssh")
+        with open(box.conf) as f:
+            assert ("ssh = /usr/bin/dbclient" in f.read()) == (client == "dbclient")
+        assert connect_read(remote) == service.greeting
+        line = next(l.strip() for l in wizard.stdout.splitlines()
+                    if l.strip().startswith("no-pty"))
+        keys = os.path.join(server.account.home, ".ssh", "authorized_keys")
+        with open(keys, "w") as f:          # the login key goes; the advised line stays
+            f.write(line + "\n")
+
+        def ctunnel_py(*args):
+            return subprocess.run(as_box + [sys.executable, CTUNNEL, "-c", box.conf] +
+                                  list(args), env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=60)
+        assert ctunnel_py("stop").returncode == 0
+        tick = ctunnel_py("-v")
+        assert tick.returncode == 0, tick.stderr
+        assert "cam: started" in tick.stderr and "data path" in tick.stderr
+        assert connect_read(remote) == service.greeting
+    finally:
+        end_pids(pids_with_arg(box.home))
+        if agent:
+            agent.kill()
+            agent.wait()
+        server.stop()
+        box.user.remove()
+        shutil.rmtree(top, ignore_errors=True)
