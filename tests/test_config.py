@@ -81,6 +81,16 @@ BAD_CONFIGS = [
      ['port has a second line "user = pi": is it indented by mistake?']),
     ("inline comment", "[pi]\n{good}port = 22 # the default\n",
      ['port "22 # the default" is not a port', "a comment must be on a line of its own"]),
+    # what Dropbear's dbclient cannot do
+    ("dbclient ssh_config", "[pi]\n{good}ssh = dbclient\nssh_config = /etc/hostname\n",
+     ["ssh_config: dbclient reads no ssh_config file"]),
+    ("dbclient option", "[pi]\n{good}ssh = dbclient\nssh_options = ServerAliveInterval=5\n",
+     ['ssh_options "ServerAliveInterval=5": dbclient knows only DisableTrivialAuth']),
+    ("dbclient nc", "[pi]\n{good}ssh = dbclient\nremote_check = nc\n",
+     ["remote_check = nc needs OpenSSH's ssh"]),
+    ("dbclient hops", "[pi]\n{good|host=a,b}ssh = dbclient\n", ['"," and "/" as hops']),
+    ("dbclient IPv6", "[pi]\n{good|remote_forward=[::1]:1122:127.0.0.1:22}ssh = dbclient\n",
+     ["IPv4 only"]),
 ]
 
 
@@ -439,3 +449,20 @@ def test_status_and_stop_without_their_state_dir_say_so_in_one_line(tmp_path, ke
     assert "Traceback" not in result.stderr
     (line,) = result.stderr.splitlines()
     assert line.startswith("ctunnel: [Errno 2] No such file or directory") and "pi.lock" in line
+
+
+@pytest.mark.parametrize("path,kind", [("/usr/bin/ssh", "openssh"), ("/usr/bin/dbclient", "dbclient"),
+                                       ("/usr/sbin/dropbearmulti", "dbclient")])
+def test_the_client_is_told_by_its_name(path, kind):
+    assert ctunnel.client_kind(path) == kind
+
+
+def test_dbclient_argv_puts_a_loopback_after_the_forwards(tmp_path):
+    t = make_tunnel(tmp_path, client="dbclient", port=2222, user="pi", identity_file="/k",
+                    forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),
+                              ctunnel.parse_forward("8080:10.0.0.9:80", "L")))
+    assert ctunnel.build_dbclient_argv(t, [40001]) == [
+        "/usr/bin/ssh", "-N", "-T", "-K", "10", "-o", "ExitOnForwardFailure=yes",
+        "-p", "2222", "-l", "pi", "-i", "/k", "-R", "127.0.0.1:1122:127.0.0.1:22",
+        "-L", "127.0.0.1:8080:10.0.0.9:80", "-L", "127.0.0.1:40001:127.0.0.1:1122", "vps"]
+    assert "--" not in ctunnel.build_dbclient_argv(t, [1])      # dbclient takes no --

@@ -188,6 +188,57 @@ def test_a_changed_host_key_is_loud_and_nothing_runs(box, service):
     assert box.clients() == []
 
 
+def test_a_host_key_of_another_type_is_answered_no_at_once(box, service):
+    """dbclient asks when known_hosts has the host with another key type; with stdin on
+    /dev/null it would spin until killed. Its stdin says no: it exits, naming the key."""
+    with open(os.path.join(box.dot_ssh, "known_hosts"), "w") as f:
+        f.write("127.0.0.1 ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAA"
+                "BBBEmKSENjQEezOmxkZMy7opKgwFB9nkt5YRrYMjNuG5N87uRgg6CLrbo5wpdT/jeGh2xdqY="
+                "\n")
+    box.chown()
+    box.write_config(service.port)
+    began = time.monotonic()
+    tick = box.run(timeout=30)
+    assert time.monotonic() - began < 6, tick.stderr        # the launch limit is 12 s
+    assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
+    assert "dbclient does not trust the server's ssh-ed25519 host key (SHA256:" in tick.stderr
+    assert box.clients() == []
+
+
+def test_a_lost_pidfile_is_found_again_by_the_token(box, service):
+    box.write_config(service.port)
+    assert box.run().returncode == 0
+    pid = box.pid()
+    os.unlink(box.state("pid"))
+    tick = box.run("-v")
+    assert tick.returncode == 0 and "adopted" in tick.stderr, tick.stderr
+    assert box.pid() == pid and box.clients() == [pid]
+
+
+def test_a_dbclient_without_the_token_is_never_signalled(box, service):
+    """The user's own dbclient, named in the pidfile, is left alone."""
+    box.write_config(service.port)
+    own = subprocess.Popen(["setpriv", "--reuid=%d" % box.user.uid, "--regid=%d" % box.user.gid,
+                            "--clear-groups", DBCLIENT, "-J", "sleep 600", "-i", box.key,
+                            "127.0.0.1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL, env={"HOME": box.home, "PATH": "/usr/bin:/bin"})
+    try:
+        wait_for(lambda: os.path.realpath("/proc/%d/exe" % own.pid) ==
+                 os.path.realpath(DBCLIENT), what="the look-alike to exec")
+        os.makedirs(os.path.dirname(box.state("pid")), exist_ok=True)
+        with open(box.state("pid"), "w") as f:
+            f.write("%d\n" % own.pid)
+        box.chown()
+        tick = box.run()
+        assert tick.returncode == 0, tick.stderr
+        assert "pidfile names PID %d, which is not this tunnel's ssh" % own.pid in tick.stderr
+        assert box.run("stop").returncode == 0
+        assert own.poll() is None and pid_alive(own.pid)
+    finally:
+        own.kill()
+        own.wait()
+
+
 def test_wrong_key_against_a_password_server_fails_clearly(tmp_path, make_box, service):
     server = SshServer(str(tmp_path), extra=["PasswordAuthentication yes"])
     try:
@@ -204,6 +255,9 @@ def test_wrong_key_against_a_password_server_fails_clearly(tmp_path, make_box, s
         assert "refused the key for %s@127.0.0.1 and asked for a password" % server.user \
             in tick.stderr
         assert box.clients() == []
+        with open(server.log) as f:
+            log = f.read()
+        assert "Failed publickey" in log and "Failed password" not in log   # none was sent
     finally:
         server.stop()
 
