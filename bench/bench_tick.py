@@ -12,6 +12,8 @@ alternating:
   ctunnel    this ctunnel.py: mux protocol from Python, data-path check
   previous   the ctunnel.py before the data path (git), `ssh -O check` and
              `ssh -S CTL host nc -z` per forward
+  dbclient   this ctunnel.py driving Dropbear's dbclient (--dbclient): a box
+             user's tick, through each tunnel's loopback -L (setpriv runs it)
   ctunnel-sh a CTunnel-style bash tick: `ssh -S CTL host "echo test | timeout 3
              nc -v localhost PORT"` per forward, over the same masters
 
@@ -195,8 +197,10 @@ def ctunnel_sh(path, server, relay, tunnels):
     return ["/bin/bash", path]
 
 
-def write_config(path, server, relay, service, count, state_dir):
-    """count tunnels through the relay; return [(control socket, remote port)]."""
+def write_config(path, server, relay, service, count, state_dir, client=None):
+    """count tunnels through the relay; return [(control socket, remote port)].
+
+    client: (dbclient path, its Dropbear-format key) for a dbclient config."""
     tunnels, held = [], []
     for _ in range(count):          # distinct ports: each held until all are chosen
         held.append(socket.socket())
@@ -205,9 +209,11 @@ def write_config(path, server, relay, service, count, state_dir):
     for s in held:
         s.close()
     with open(path, "w") as f:
-        f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nidentity_file = %s\n"
-                "ssh_config = %s\nstate_dir = %s\n\n"
-                % (relay.port, server.user, server.user_key, server.ssh_config, state_dir))
+        f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nstate_dir = %s\n"
+                % (relay.port, server.user, state_dir))
+        f.write("ssh = %s\nidentity_file = %s\n\n" % client if client else
+                "identity_file = %s\nssh_config = %s\n\n" % (server.user_key,
+                                                             server.ssh_config))
         for i, port in enumerate(ports):
             f.write("[t%d]\nremote_forward = %d:127.0.0.1:%d\n" % (i, port, service.port))
             tunnels.append((os.path.join(state_dir, "t%d.ctl" % i), port))
@@ -224,26 +230,38 @@ def summarize(samples, rss, programs, forked, wire):
             "bytes_on_wire": wire}
 
 
-def bench(count, rounds, server, relay, counter, service, work, previous):
-    """All variants for one tunnel count, alternating; return their figures."""
+def bring_up(argv):
+    for _ in range(3):      # a port the last stage's server session still held comes free
+        first = subprocess.run(argv, capture_output=True, text=True)
+        if first.returncode == 0:
+            return
+        time.sleep(2)
+    raise SystemExit("bench: tunnels did not come up: " + first.stderr)
+
+
+def bench(count, rounds, server, relay, counter, service, work, previous, box=None):
+    """All variants for one tunnel count, alternating; return their figures.
+
+    box: (setpriv argv that runs as the box user, dbclient, its key, its home)
+    for the dbclient variant."""
     state = os.path.join(work, "st%d" % count)
     conf = os.path.join(work, "c%d.conf" % count)
     tunnels = write_config(conf, server, relay, service, count, state)
-    for _ in range(3):      # a port the last stage's server session still held comes free
-        first = subprocess.run([sys.executable, CTUNNEL, "-c", conf], capture_output=True,
-                               text=True)
-        if first.returncode == 0:
-            break
-        time.sleep(2)
-    if first.returncode != 0:
-        raise SystemExit("bench: tunnels did not come up: " + first.stderr)
     python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
-    variants = {
-        "ctunnel": [python, CTUNNEL, "-c", conf],
+    bring_up([sys.executable, CTUNNEL, "-c", conf])
+    variants = {"ctunnel": [python, CTUNNEL, "-c", conf]}
+    if box:
+        as_box, dbclient, key, home = box
+        db_conf = os.path.join(work, "d%d.conf" % count)
+        write_config(db_conf, server, relay, service, count,
+                     os.path.join(home, "st%d" % count), (dbclient, key))
+        variants["dbclient"] = as_box + [python, CTUNNEL, "-c", db_conf]
+        bring_up(variants["dbclient"])
+    variants.update({
         "previous": [python, previous, "-c", conf],
         "ctunnel-sh": ctunnel_sh(os.path.join(work, "ct%d.sh" % count), server, relay, tunnels),
         "python -c pass": [python, "-c", "pass"],     # the floor of any Python tick
-    }
+    })
     samples = {name: [] for name in variants}
     for _ in range(rounds):
         for name, argv in variants.items():
@@ -256,6 +274,8 @@ def bench(count, rounds, server, relay, counter, service, work, previous):
         results[name] = summarize(samples[name], peak_rss_mb(argv), count_programs(argv),
                                   forked, wire)
     subprocess.run([sys.executable, CTUNNEL, "-c", conf, "stop"], capture_output=True)
+    if box:
+        subprocess.run(variants["dbclient"] + ["stop"], capture_output=True)
     return results
 
 
@@ -265,6 +285,8 @@ def main(argv=None):
     parser.add_argument("--ticks", type=int, default=20, help="rounds per tunnel count")
     parser.add_argument("--tunnels", default="1,10,100", help="tunnel counts, comma-separated")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--dbclient", action="store_true",
+                        help="also measure ticks that drive Dropbear's dbclient")
     args = parser.parse_args(argv)
 
     work = tempfile.mkdtemp(prefix="ctb", dir="/tmp")
@@ -281,10 +303,22 @@ def main(argv=None):
     counter = PidCounter(server.proc.pid)
     relay = CountingRelay(server.port)
     with open(server.known_hosts) as f:
-        key = f.read().split(None, 1)[1]
+        key_line = f.read().split(None, 1)[1]
     with open(server.known_hosts, "a") as f:
-        f.write("[127.0.0.1]:%d %s" % (relay.port, key))
+        f.write("[127.0.0.1]:%d %s" % (relay.port, key_line))
     service = SshLikeService()
+    box = None
+    if args.dbclient:       # the box user is the server's login user: one throwaway user
+        home, uid, gid = account.home, account.uid, account.gid
+        os.makedirs(os.path.join(home, ".ssh"), mode=0o700, exist_ok=True)
+        key = os.path.join(home, ".ssh", "id_dropbear")
+        subprocess.run(["dropbearconvert", "openssh", "dropbear", server.user_key, key],
+                       check=True, capture_output=True)
+        with open(os.path.join(home, ".ssh", "known_hosts"), "w") as f:
+            f.write("127.0.0.1 %s" % key_line)
+        subprocess.run(["chown", "-R", "%d:%d" % (uid, gid), home], check=True)
+        box = (["setpriv", "--reuid=%d" % uid, "--regid=%d" % gid, "--clear-groups"],
+               shutil.which("dbclient"), key, home)
     try:
         results = {"python": subprocess.run(["/usr/bin/python3", "-V"], capture_output=True,
                                             text=True).stdout.strip(),
@@ -292,7 +326,8 @@ def main(argv=None):
                                          text=True).stderr.strip(),
                    "rounds": args.ticks, "by_tunnels": {}}
         for count in [int(c) for c in args.tunnels.split(",")]:
-            figures = bench(count, args.ticks, server, relay, counter, service, work, previous)
+            figures = bench(count, args.ticks, server, relay, counter, service, work, previous,
+                            box)
             base = figures["ctunnel-sh"]
             figures["ratio_to_ctunnel_sh"] = {
                 k: round(figures["ctunnel"][k] / base[k], 2) for k in ("wall_ms", "cpu_ms")}
