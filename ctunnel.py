@@ -1723,7 +1723,12 @@ def explain_ssh_failure(tunnel, lines, rc):
         return ("%s (the server refused the key for %s: check user, and that the key's .pub "
                 "line is in that user's ~/.ssh/authorized_keys on the server)"
                 % (said, login.split("@")[0] if tunnel.user else "your user name"))
-    if rc not in (0, 255) and not is_openssh(tunnel.ssh):
+    version = _client_version(tunnel.ssh) if rc not in (0, 255) else "OpenSSH"
+    if "Dropbear" in version:
+        return ("%s is Dropbear's dbclient under another name, which ctunnel tells by its "
+                "name: set ssh = a path or symlink named dbclient (it exited %d: %s)"
+                % (tunnel.ssh, rc, said))
+    if "OpenSSH" not in version:
         return ("%s is not OpenSSH's ssh client (it exited %d: %s); set ssh = the path of "
                 "ssh" % (tunnel.ssh, rc, said))
     hints = (
@@ -1895,10 +1900,11 @@ def key_has_passphrase(path):
     return blob[len(magic) + 4:len(magic) + 4 + size] != b"none"
 
 
-def is_openssh(program):
-    """Does program -V say it is OpenSSH? (asked only after a launch failed)"""
+def _client_version(program):
+    """What program -V says (OpenSSH_9.2p1, Dropbear v2022.83); asked only after a
+    launch failed."""
     status, out, err = _run([program, "-V"], 5)
-    return "OpenSSH" in out + err
+    return out + err
 
 
 # ---------------------------------------------------------------------------
@@ -1950,7 +1956,8 @@ def dbclient_remotes(tunnel):
 
 
 def tunnel_token(tunnel):
-    return "%s=%s" % (DBCLIENT_TOKEN, os.path.join(tunnel.state_dir, tunnel.name))
+    """The path only this tunnel has; dbclient gets it as $CTUNNEL_TUNNEL."""
+    return os.path.join(tunnel.state_dir, tunnel.name)
 
 
 def has_tunnel_token(pid, tunnel):
@@ -1965,7 +1972,7 @@ def has_tunnel_token(pid, tunnel):
             environ = f.read(CMDLINE_MAX).split(b"\0")
     except OSError:
         return False
-    return tunnel_token(tunnel).encode() in environ
+    return ("%s=%s" % (DBCLIENT_TOKEN, tunnel_token(tunnel))).encode() in environ
 
 
 def dbclient_loopbacks(pid, tunnel):
@@ -2000,7 +2007,11 @@ class Loopback:
         self.own_port = port        # dbclient's end of it is no target connection
         self.output = socket.socket()
         self.output.settimeout(max(0.001, deadline - time.monotonic()))
-        self.output.connect(("127.0.0.1", port))
+        try:
+            self.output.connect(("127.0.0.1", port))
+        except OSError:
+            self.output.close()
+            raise
 
     def __enter__(self):
         return self
@@ -2114,8 +2125,8 @@ def launch_dbclient(tunnel):
     answers, ours = os.pipe()
     os.write(ours, NO_ANSWER)
     os.close(ours)
-    env = {"HOME": expand_home("~"), "PATH": os.environ.get("PATH", os.defpath)}
-    env.update([tunnel_token(tunnel).split("=", 1)])
+    env = {"HOME": expand_home("~"), "PATH": os.environ.get("PATH", os.defpath),
+           DBCLIENT_TOKEN: tunnel_token(tunnel)}
     try:
         proc = subprocess.Popen(argv, stdin=answers, stdout=log, stderr=log, env=env,
                                 start_new_session=True)

@@ -443,13 +443,18 @@ def ensure_key(plan, asker):
     asker.say("Made a new key: %s (public half: %s.pub)" % (plan.key, plan.key))
 
 
+def wants_key_installed(asker, preset, logs_in):
+    """False when the key logs in already, or when the user says no."""
+    if logs_in:
+        asker.say("The key already logs in to the server.")
+        return False
+    return asker.confirm("install the public key on the server now (you may be asked "
+                         "for your password there)?", True, preset)
+
+
 def install_key(plan, asker, preset):
     """Put the public key on the server unless the key already logs in."""
-    if ssh_run(plan, "true")[0] == 0:
-        asker.say("The key already logs in to the server.")
-        return
-    if not asker.confirm("install the public key on the server now (you may be asked "
-                         "for your password there)?", True, preset):
+    if not wants_key_installed(asker, preset, ssh_run(plan, "true")[0] == 0):
         return
     batch = [] if asker.interactive else ["-o", "BatchMode=yes"]
     # ssh-copy-id keeps its temp files in ~/.ssh: a fresh box may have none
@@ -624,11 +629,7 @@ def dbclient_key(plan, asker):
 
 def dbclient_install_key(plan, asker, preset):
     """Put the public key on the server with dbclient, unless the key logs in already."""
-    if dbclient_run(plan, "true")[0] == 0:
-        asker.say("The key already logs in to the server.")
-        return
-    if not asker.confirm("install the public key on the server now (you may be asked "
-                         "for your password there)?", True, preset):
+    if not wants_key_installed(asker, preset, dbclient_run(plan, "true")[0] == 0):
         return
     with open(plan.key + ".pub", "rb") as f:
         public = f.read()

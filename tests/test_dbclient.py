@@ -385,3 +385,15 @@ def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
         server.stop()
         box.user.remove()
         shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_renamed_copy_of_dbclient_is_named_as_such(box, service):
+    """Told by its name, a copy called otherwise is taken for OpenSSH: the failed launch
+    asks it -V and says what to set."""
+    copy = os.path.join(box.home, "sshclient")
+    shutil.copy(DBCLIENT, copy)
+    box.write_config(service.port, ssh=copy)
+    tick = box.run()
+    assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
+    assert "%s is Dropbear's dbclient under another name" % copy in tick.stderr
+    assert box.clients() == []
