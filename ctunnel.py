@@ -1162,19 +1162,28 @@ Verdict = namedtuple("Verdict", "check state detail")
 OUTPUT_MAX = 65536          # bytes kept of what a program prints; the rest is drained
 
 
-def _run(argv, timeout):
+def _run(argv, timeout, answers=None, env=None):
     """Run argv without a shell; return (status or None on timeout, stdout, stderr).
 
     Output is read with a cap, so a server that talks without end cannot
-    fill the box's memory; the excess is read and thrown away.
+    fill the box's memory; the excess is read and thrown away. answers:
+    bytes for its stdin (default: none, /dev/null); env: its environment.
     """
     import subprocess
     import selectors
+    stdin = subprocess.DEVNULL
+    if answers is not None:
+        stdin, ours = os.pipe()
+        os.write(ours, answers)
+        os.close(ours)
     try:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=env, start_new_session=True)
     except OSError as e:
         return 255, "", "cannot run %s: %s" % (argv[0], e.strerror)
+    finally:
+        if answers is not None:
+            os.close(stdin)
     kept = {proc.stdout: b"", proc.stderr: b""}
     deadline = time.monotonic() + timeout
     with selectors.DefaultSelector() as selector:
@@ -1748,7 +1757,8 @@ def explain_held_port(tunnel, failure):
     otherwise failure is ssh's line with the reason: the server's policy, a
     live client, another program, or what the server would need.
     """
-    m = re.search(r"remote port forwarding failed for listen port (\d+)", failure or "")
+    m = re.search(r"(?:remote port forwarding failed for listen port|Remote TCP forward "
+                  r"request failed \(port) (\d+)", failure or "")
     forward = m and next((f for f in tunnel.forwards
                           if f.kind == "R" and f.port == int(m.group(1))), None)
     if not forward:
@@ -1768,16 +1778,29 @@ def why_port_refused(tunnel, forward):
     refused means nothing listens there, so the server's policy said no.
     """
     address = check_address(forward)
-    rc, _, err = _run(build_probe_argv(tunnel, address, forward.port), tunnel.check_timeout)
-    if rc is not None and "Connection refused" in err:
+    listens = client_of(tunnel).probe_port(tunnel, address, forward.port)
+    if listens is False:
         return ("nothing listens on %s:%d there: the server's policy refuses the port (see "
                 "permitlisten in authorized_keys, PermitListen, AllowTcpForwarding and "
                 "GatewayPorts in sshd_config); this is not a stale session"
                 % (address, forward.port))
+    return None if listens is True else "the server still holds the port, or refuses it: " \
+        + listens
+
+
+def probe_port_openssh(tunnel, address, port):
+    """Does anything listen on address:port on the server? True, False, or the problem."""
+    rc, _, err = _run(build_probe_argv(tunnel, address, port), tunnel.check_timeout)
+    if rc is not None and "Connection refused" in err:
+        return False
     if rc is None or rc == 0:
-        return None
-    return ("the server still holds the port, or refuses it: %s"
-            % (_first_line(err) or "ssh exited %d" % rc))
+        return True
+    return _first_line(err) or "ssh exited %d" % rc
+
+
+def run_command_openssh(tunnel, command, timeout):
+    """Run command on the server over a fresh connection with the tunnel's key."""
+    return _run(build_fresh_argv(tunnel, "-T", "--", tunnel.host, command), timeout)
 
 
 # The command a tunnel's own login runs on the server when its reverse port is
@@ -1843,8 +1866,7 @@ def inspect_port(tunnel, forward):
     le, be = _hex_both_orders(address)
     script = STALE_SCRIPT % {"port": "%04X" % port, "le": le or "-", "be": be or "-",
                              "reclaim": tunnel.reclaim}
-    rc, out, err = _run(build_fresh_argv(tunnel, "-T", "--", tunnel.host, script),
-                        tunnel.check_timeout + 3)
+    rc, out, err = client_of(tunnel).run_command(tunnel, script, tunnel.check_timeout + 3)
     if "ctunnel-sessions" not in out or "ctunnel-done" not in out:
         return None, ("something on the server holds %s:%d, and ctunnel cannot look for a "
                       "stale session there (a forced command on the key, no POSIX shell or "
@@ -1933,14 +1955,11 @@ def build_dbclient_argv(tunnel, loopbacks):
 
     loopbacks: a free box port for each (from dbclient_remotes), in order.
     """
-    argv = [tunnel.ssh, "-N", "-T",
-            # a silent server is given up after about three keepalives
-            "-K", str(tunnel.alive_interval),
-            "-o", "ExitOnForwardFailure=yes"]
-    for flag, value in (("-p", tunnel.port), ("-l", tunnel.user),
-                        ("-i", tunnel.identity_file)):
-        if value:
-            argv += [flag, str(value)]
+    argv = _dbclient_login(tunnel) + [
+        "-N", "-T",
+        # a silent server is given up after about three keepalives
+        "-K", str(tunnel.alive_interval),
+        "-o", "ExitOnForwardFailure=yes"]
     for option in tunnel.ssh_options:
         argv += ["-o", option]
     for fwd in tunnel.forwards:
@@ -2125,10 +2144,10 @@ def launch_dbclient(tunnel):
     answers, ours = os.pipe()
     os.write(ours, NO_ANSWER)
     os.close(ours)
-    env = {"HOME": expand_home("~"), "PATH": os.environ.get("PATH", os.defpath),
-           DBCLIENT_TOKEN: tunnel_token(tunnel)}
     try:
-        proc = subprocess.Popen(argv, stdin=answers, stdout=log, stderr=log, env=env,
+        proc = subprocess.Popen(argv, stdin=answers, stdout=log, stderr=log,
+                                env=dict(dbclient_env(tunnel),
+                                         **{DBCLIENT_TOKEN: tunnel_token(tunnel)}),
                                 start_new_session=True)
     except OSError as e:
         return None, "cannot run %s: %s" % (tunnel.ssh, e.strerror)
@@ -2216,12 +2235,38 @@ def explain_dbclient_failure(tunnel, lines, rc):
     if "No auth methods could be used" in said:
         return ("%s (the server refused the key for %s: check user, and that the key's public "
                 "line is in that user's ~/.ssh/authorized_keys on the server)" % (said, login))
-    held = re.search(r"Remote TCP forward request failed \(port (\d+)", said)
-    if held:
-        return ("%s (the server would not listen on port %s: another session holds it (a "
-                "stale one, if this box lost power or its line) or its policy forbids it)"
-                % (said, held.group(1)))
-    return said
+    return said                 # a refused -R forward: explain_held_port looks into it
+
+
+def dbclient_env(tunnel):
+    """dbclient's environment: the home ssh would use (never $HOME), and PATH."""
+    return {"HOME": expand_home("~"), "PATH": os.environ.get("PATH", os.defpath)}
+
+
+def _dbclient_login(tunnel):
+    argv = [tunnel.ssh]
+    for flag, value in (("-p", tunnel.port), ("-l", tunnel.user),
+                        ("-i", tunnel.identity_file)):
+        if value:
+            argv += [flag, str(value)]
+    return argv
+
+
+def probe_port_dbclient(tunnel, address, port):
+    """dbclient -B address:port: a refused channel ends it at once ("closed"); one that
+    opened stays until our timeout."""
+    rc, _, err = _run(_dbclient_login(tunnel) + ["-B", "%s:%d" % (address, port), tunnel.host],
+                      tunnel.check_timeout, NO_ANSWER, dbclient_env(tunnel))
+    if rc is None:
+        return True
+    if rc == 0 and err.endswith("closed."):
+        return False
+    return _last_line(err) or "dbclient exited %d" % rc
+
+
+def run_command_dbclient(tunnel, command, timeout):
+    return _run(_dbclient_login(tunnel) + ["-T", tunnel.host, command], timeout, NO_ANSWER,
+                dbclient_env(tunnel))
 
 
 def key_is_openssh_format(path):
@@ -2248,7 +2293,10 @@ def dry_run_dbclient(t, out):
 # The tick, the repair and status use only these. launch(tunnel) -> (pid,
 # failure); owns(pid, tunnel): the token that makes a process this tunnel's;
 # check_link(tunnel, pid, table) -> (pid, Verdict): the master, or dbclient's
-# connection; check_local / check_remote(tunnel, forward, pid, table): a forward.
+# connection; check_local / check_remote(tunnel, forward, pid, table): a forward;
+# probe_port(tunnel, address, port) -> does anything listen there on the server
+# (True, False or the problem), and run_command(tunnel, command, timeout) ->
+# _run's answer: both over a fresh connection, when a -R port is held.
 
 def dry_run_openssh(t, out):
     out.write("# %s: checks over the control socket %s (no program run)\n"
@@ -2262,12 +2310,15 @@ def dry_run_openssh(t, out):
     out.write("# if a check fails:\n" + quote_argv(build_launch_argv(t)) + "\n")
 
 
-Client = namedtuple("Client", "name launch owns check_link check_local check_remote dry_run")
+Client = namedtuple("Client", "name launch owns check_link check_local check_remote dry_run "
+                             "probe_port run_command")
 CLIENTS = {
     "openssh": Client("ssh", launch_tunnel, has_control_socket, check_master,
-                      check_local_forward, check_remote_forward, dry_run_openssh),
+                      check_local_forward, check_remote_forward, dry_run_openssh,
+                      probe_port_openssh, run_command_openssh),
     "dbclient": Client("dbclient", launch_dbclient, has_tunnel_token, check_dbclient,
-                       check_dbclient_local, check_loopback, dry_run_dbclient),
+                       check_dbclient_local, check_loopback, dry_run_dbclient,
+                       probe_port_dbclient, run_command_dbclient),
 }
 
 

@@ -5,6 +5,7 @@ The box runs as a throwaway user whose home is a temp dir: dbclient reads
 """
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -15,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, Service, SshServer, ThrowawayUser, connect_read, end_pids,
+from conftest import (CTUNNEL, SshServer, ThrowawayUser, connect_read, descendants, end_pids,
                       free_port, pid_alive, pids_with_arg, wait_for)
 
 DBCLIENT = shutil.which("dbclient") or "/usr/bin/dbclient"
@@ -161,7 +162,9 @@ def test_port_taken_on_the_server_is_one_clear_line_and_never_started(box, servi
         assert tick.returncode == 1
         assert tick.stderr.count("\n") == 1 and "started" not in tick.stderr, tick.stderr
         assert "pi: start failed: " in tick.stderr
-        assert "would not listen on port %d" % box.remote in tick.stderr
+        assert "Remote TCP forward request failed (port %d" % box.remote in tick.stderr
+        # the server was asked who holds it: not a session of this login
+        assert "port %d on the server is held by another program" % box.remote in tick.stderr
         assert box.clients() == []
     finally:
         squatter.close()
@@ -397,3 +400,40 @@ def test_a_renamed_copy_of_dbclient_is_named_as_such(box, service):
     assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
     assert "%s is Dropbear's dbclient under another name" % copy in tick.stderr
     assert box.clients() == []
+
+
+def test_a_stale_session_of_a_dbclient_tunnel_is_reclaimed(tmp_path, make_box, service):
+    """Power cut on the box: the server keeps the old session and its port (a user keeps
+    it busy). dbclient's keepalive gives up; the next tick asks the server through
+    dbclient, ends that stale session and starts the tunnel in the same tick."""
+    from test_stale import Knocker, client_port
+    server = SshServer(str(tmp_path))
+    rule, knocker = None, None
+    try:
+        box = make_box(server)
+        box.write_config(service.port, check_timeout=2, server_alive_interval=1)
+        assert box.run().returncode == 0
+        old = box.pid()
+        stale = [p for p in descendants(server.proc.pid) if pid_alive(p)]
+        rule = ["-i", "lo", "-p", "tcp", "-s", "127.0.0.1", "--sport",
+                str(client_port(old, server.port)), "-d", "127.0.0.1", "--dport",
+                str(server.port), "-m", "comment", "--comment",
+                "ctunnel-test-%d" % os.getpid(), "-j", "DROP"]
+        subprocess.run(["iptables", "-w", "-I", "INPUT"] + rule, check=True)
+        knocker = Knocker(box.remote)
+        wait_for(lambda: not pid_alive(old), what="dbclient's keepalive to give up")
+        tick = box.run()
+        assert tick.returncode == 0, tick.stderr
+        (line,) = tick.stderr.splitlines()
+        m = re.search(r"pi: reclaimed port %d from a stale session \(server pid (\d+), up since "
+                      r"\d\d:\d\d\), restarted \(process %d gone" % (box.remote, old), line)
+        assert m, line
+        assert int(m.group(1)) in stale
+        knocker.stop()
+        assert connect_read(box.remote) == service.greeting
+    finally:
+        if knocker:
+            knocker.stop()
+        if rule:
+            subprocess.run(["iptables", "-w", "-D", "INPUT"] + rule)
+        server.stop()

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, ROOT, SshServer, connect_read, end_pids, free_port,
+from conftest import (ROOT, SshServer, connect_read, end_pids, free_port,
                       pids_with_arg, wait_for)
 
 INSTALL = os.path.join(ROOT, "install.py")
