@@ -1970,8 +1970,9 @@ def build_dbclient_argv(tunnel, loopbacks):
 
 
 def dbclient_remotes(tunnel):
-    """The -R forwards that get a loopback (all of them, unless remote_check = none)."""
-    return [f for f in tunnel.forwards if f.kind == "R" and tunnel.remote_check != "none"]
+    """The -R forwards, each with a loopback: the launch needs it to know the forward
+    is up, also when remote_check = none leaves it out of the ticks' checks."""
+    return [f for f in tunnel.forwards if f.kind == "R"]
 
 
 def tunnel_token(tunnel):
@@ -2127,8 +2128,9 @@ def launch_dbclient(tunnel):
     """
     import subprocess
     if not dbclient_knows_host(tunnel):
-        return None, ("the server's host key is not in %s yet, and dbclient would ask a "
-                      "question cron cannot answer: not starting it. Check the key's "
+        return None, ("the server's host key is not in %s in dbclient's form (HOST TYPE "
+                      "KEY, no port), and dbclient would ask a question cron cannot answer: "
+                      "not starting it. Check the key's "
                       "fingerprint with the server's admin and accept it once by hand: "
                       "dbclient %s%s%s true" % (
                           expand_home("~/.ssh/known_hosts"),

@@ -152,12 +152,15 @@ def test_frozen_dbclient_is_repaired_within_two_ticks(box, service):
     assert connect_read(box.remote) == service.greeting
 
 
-def test_port_taken_on_the_server_is_one_clear_line_and_never_started(box, service):
+@pytest.mark.parametrize("remote_check", ["auto", "none"])
+def test_port_taken_on_the_server_is_one_clear_line_and_never_started(box, service,
+                                                                      remote_check):
+    """Also with remote_check = none: the launch still waits for the loopback."""
     squatter = socket.socket()
     squatter.bind(("127.0.0.1", box.remote))
     squatter.listen()
     try:
-        box.write_config(service.port)
+        box.write_config(service.port, remote_check=remote_check)
         tick = box.run()
         assert tick.returncode == 1
         assert tick.stderr.count("\n") == 1 and "started" not in tick.stderr, tick.stderr
