@@ -462,7 +462,7 @@ def test_dbclient_argv_puts_a_loopback_after_the_forwards(tmp_path):
                     forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),
                               ctunnel.parse_forward("8080:10.0.0.9:80", "L")))
     assert ctunnel.build_dbclient_argv(t, [40001]) == [
-        "/usr/bin/ssh", "-N", "-T", "-K", "10", "-o", "ExitOnForwardFailure=yes",
-        "-p", "2222", "-l", "pi", "-i", "/k", "-R", "127.0.0.1:1122:127.0.0.1:22",
+        "/usr/bin/ssh", "-p", "2222", "-l", "pi", "-i", "/k", "-N", "-T", "-K", "10",
+        "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:1122:127.0.0.1:22",
         "-L", "127.0.0.1:8080:10.0.0.9:80", "-L", "127.0.0.1:40001:127.0.0.1:1122", "vps"]
     assert "--" not in ctunnel.build_dbclient_argv(t, [1])      # dbclient takes no --
