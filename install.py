@@ -16,6 +16,10 @@ and the key (one per tunnel), then:
   6. adds the crontab line, once
   7. prints the settings the server needs, then runs one tick and shows status
 
+With Dropbear's dbclient as the client (--ssh dbclient, or when ssh is
+Dropbear, as on OpenWrt) it does the same with Dropbear's tools: dropbearkey
+makes the key, dbclient shows and records the host key and installs the key.
+
 Every answer has a flag; with --yes nothing is asked, and a missing required
 answer exits 2 naming its flag. A tunnel of the same name in the config is
 replaced only after a yes, or with --replace.
