@@ -1008,7 +1008,7 @@ def socket_inodes(pid):
 
 
 TcpSocket = namedtuple("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
-TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
+TCP_SYN_SENT, TCP_LISTEN = 0x02, 0x0A
 TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
 
 
@@ -1018,7 +1018,9 @@ class TcpTable:
     Reading either file walks the kernel's whole connection table: well under
     a millisecond on a small box, several on a big machine. One table serves
     a whole tick: a check that saw a new socket asks for a read that began
-    after that moment, and checks that wait together share one read.
+    after that moment, and checks that wait together share one read. The
+    other checks of a tunnel's ladder (a listener, a connection) share a read
+    that began after their ladder did.
     """
 
     FILES = ("/proc/net/tcp", "/proc/net/tcp6")
@@ -1026,16 +1028,20 @@ class TcpTable:
     def __init__(self):
         self.lock = _thread.allocate_lock()
         self.reads = {}         # file -> (monotonic time the read began, its text)
+        self.ladder = _thread._local()      # .began: when this thread's ladder began
 
     def sockets(self, inodes, since=None):
         """Return the TcpSocket of each inode, from reads that began after since.
 
-        inodes None: every socket (a fresh read). tcp6 is read only when tcp
-        did not hold every inode asked for.
+        since None: after this thread's ladder began (or now, outside one).
+        inodes None: every socket. tcp6 is read only when tcp did not hold
+        every inode asked for.
         """
+        if since is None:
+            since = getattr(self.ladder, "began", None) or time.monotonic()
         found = []
         for path in self.FILES:
-            text = self._text(path, time.monotonic() if since is None else since)
+            text = self._text(path, since)
             if inodes is None:
                 found += [_tcp_socket(l) for l in text.splitlines()[1:] if len(l.split()) > 9]
                 continue
@@ -1582,6 +1588,7 @@ def run_ladder(tunnel, launched=None, table=None, adopt=False):
     the master. table: the tick's TcpTable, shared by every tunnel of the tick.
     """
     table = table or TcpTable()
+    table.ladder.began = time.monotonic()
     client = client_of(tunnel)
     verdicts, expected = [], launched
     if not launched:
@@ -2008,16 +2015,15 @@ def dbclient_loopbacks(pid, tunnel):
 
 
 def check_dbclient(tunnel, expected, table):
-    """dbclient has no master to ask: is it running (not frozen) and connected?"""
+    """dbclient has no master to ask: is it running, not frozen?
+
+    Whether its connection still carries anything, the forwards' checks
+    prove (a dbclient whose connection closes exits).
+    """
     pid = expected
     if process_state(pid) in ("T", "t"):
         return None, Verdict("connection", DOWN, "dbclient (pid %d) is stopped: frozen" % pid)
-    port = tunnel.port or 22
-    if not any(s.remote_port == port and s.state == TCP_ESTABLISHED
-               for s in table.sockets(socket_inodes(pid))):
-        return None, Verdict("connection", DOWN, "dbclient (pid %d) holds no connection to "
-                             "the server's port %d" % (pid, port))
-    return pid, Verdict("connection", UP, "pid %d, connected to port %d" % (pid, port))
+    return pid, Verdict("connection", UP, "pid %d running" % pid)
 
 
 class Loopback:

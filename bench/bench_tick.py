@@ -231,12 +231,14 @@ def summarize(samples, rss, programs, forked, wire):
 
 
 def bring_up(argv):
+    said = ""
     for _ in range(3):      # a port the last stage's server session still held comes free
         first = subprocess.run(argv, capture_output=True, text=True)
         if first.returncode == 0:
             return
+        said += first.stderr        # a repeated failure is said once: keep the first
         time.sleep(2)
-    raise SystemExit("bench: tunnels did not come up: " + first.stderr)
+    raise SystemExit("bench: tunnels did not come up (%s): %s" % (argv[-1], said))
 
 
 def bench(count, rounds, server, relay, counter, service, work, previous, box=None):

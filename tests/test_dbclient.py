@@ -115,7 +115,7 @@ def test_first_tick_brings_a_dbclient_tunnel_up_and_proves_the_loop(box, service
     assert os.path.realpath(argv[0]) == os.path.realpath(DBCLIENT).encode() and b"-S" not in argv
     verbose = box.run("-v")
     assert verbose.returncode == 0
-    assert "connection UP" in verbose.stderr
+    assert "connection UP (pid %d running)" % box.pid() in verbose.stderr
     assert "remote forward %d UP (data path 127.0.0.1:%d -> box 127.0.0.1:%d proven" % (
         box.remote, box.remote, service.port) in verbose.stderr
     assert box.run().stderr == ""               # healthy: silent
