@@ -41,7 +41,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from conftest import (CTUNNEL, SshServer, ThrowawayUser, descendants,  # noqa: E402
                       end_pids, pids_with_arg)
 
-PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
+PREVIOUS = "ed211d9"
+NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range      # the last commit whose tick used ssh -O check and nc
 
 
 class CountingRelay:
@@ -201,13 +202,18 @@ def write_config(path, server, relay, service, count, state_dir, client=None):
     """count tunnels through the relay; return [(control socket, remote port)].
 
     client: (dbclient path, its Dropbear-format key) for a dbclient config."""
-    tunnels, held = [], []
-    for _ in range(count):          # distinct ports: each held until all are chosen
-        held.append(socket.socket())
-        held[-1].bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in held]
-    for s in held:
-        s.close()
+    tunnels, ports = [], []
+    # below the ephemeral range: hundreds of connections come and go on this one
+    # machine, and one of them may take a port chosen in it as its own source port
+    for port in NEXT_PORT:         # never a port of an earlier stage: its sessions may linger
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            break
     with open(path, "w") as f:
         f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nstate_dir = %s\n"
                 % (relay.port, server.user, state_dir))
