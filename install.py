@@ -622,7 +622,9 @@ def dbclient_key(plan, asker):
     if made or not os.path.exists(plan.key + ".pub"):
         public = subprocess.run(["dropbearkey", "-y", "-f", plan.key], capture_output=True,
                                 text=True, stdin=subprocess.DEVNULL, check=True).stdout
-        line = next(l for l in public.splitlines() if l.startswith(("ssh-", "ecdsa-")))
+        line = next((l for l in public.splitlines() if l.startswith(("ssh-", "ecdsa-"))), "")
+        if not line:
+            raise Abort("dropbearkey -y -f %s printed no public key" % plan.key)
         with open(plan.key + ".pub", "w") as f:
             f.write(" ".join(line.split()[:2] + ["ctunnel %s@%s" % (plan.name,
                                                                    socket.gethostname())])

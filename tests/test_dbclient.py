@@ -126,6 +126,27 @@ def test_first_tick_brings_a_dbclient_tunnel_up_and_proves_the_loop(box, service
     assert box.clients() == []
 
 
+def test_a_local_forward_through_dbclient_is_up_and_a_taken_one_is_one_line(box, service):
+    local = free_port()
+    box.write_config(service.port, local_forward="%d:127.0.0.1:%d" % (local, service.port))
+    tick = box.run("-v")
+    assert tick.returncode == 0, tick.stderr
+    assert "local forward %d UP (listening on 127.0.0.1:%d (dbclient: the far end is not " \
+        "checked))" % (local, local) in tick.stderr
+    assert connect_read(local) == service.greeting       # box -> server -> service
+    assert box.run("stop").returncode == 0
+    squatter = socket.socket()
+    squatter.bind(("127.0.0.1", local))
+    squatter.listen()
+    try:
+        tick = box.run()
+        assert tick.returncode == 1 and tick.stderr.count("\n") == 1, tick.stderr
+        assert "Failed local port forward 127.0.0.1:%d" % local in tick.stderr
+        assert "started" not in tick.stderr and box.clients() == []
+    finally:
+        squatter.close()
+
+
 def test_killed_dbclient_is_restarted(box, service):
     box.write_config(service.port)
     assert box.run().returncode == 0
