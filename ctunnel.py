@@ -478,8 +478,8 @@ def dbclient_cannot(values, forwards):
         return "ssh_config: dbclient reads no ssh_config file; give host, port and user here"
     for option in values["ssh_options"]:
         if option.split("=")[0] not in DBCLIENT_OPTIONS:
-            return ('ssh_options "%s": dbclient knows only %s (ctunnel sets the rest itself)'
-                    % (option, ", ".join(DBCLIENT_OPTIONS)))
+            return ('ssh_options "%s": dbclient knows only %s (ctunnel sets '
+                    'ExitOnForwardFailure and Port itself)' % (option, ", ".join(DBCLIENT_OPTIONS)))
     if values["remote_check"] == "nc":
         return ("remote_check = nc needs OpenSSH's ssh (a control master); dbclient is "
                 "checked through a loopback forward: use auto")
