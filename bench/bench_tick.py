@@ -41,8 +41,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from conftest import (CTUNNEL, SshServer, ThrowawayUser, descendants,  # noqa: E402
                       end_pids, pids_with_arg)
 
-PREVIOUS = "ed211d9"
-NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range      # the last commit whose tick used ssh -O check and nc
+PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
+NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range
 
 
 class CountingRelay:

@@ -248,7 +248,8 @@ def test_a_dbclient_without_the_token_is_never_signalled(box, service):
     own = subprocess.Popen(["setpriv", "--reuid=%d" % box.user.uid, "--regid=%d" % box.user.gid,
                             "--clear-groups", DBCLIENT, "-J", "sleep 600", "-i", box.key,
                             "127.0.0.1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                           stderr=subprocess.DEVNULL, env={"HOME": box.home, "PATH": "/usr/bin:/bin"})
+                           stderr=subprocess.DEVNULL,
+                           env={"HOME": box.home, "PATH": "/usr/bin:/bin"})
     try:
         wait_for(lambda: os.path.realpath("/proc/%d/exe" % own.pid) ==
                  os.path.realpath(DBCLIENT), what="the look-alike to exec")
