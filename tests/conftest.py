@@ -227,8 +227,10 @@ class ThrowawayUser:
         os.chmod(home, 0o755)
 
     def remove(self):
-        subprocess.run(["userdel", self.name], stdin=subprocess.DEVNULL,
-                       capture_output=True)
+        """userdel refuses while a process of the user runs: a test that left one fails."""
+        done = subprocess.run(["userdel", self.name], stdin=subprocess.DEVNULL,
+                              capture_output=True, text=True)
+        assert done.returncode == 0, "userdel %s: %s" % (self.name, done.stderr.strip())
 
 
 class DropbearServer:

@@ -263,7 +263,7 @@ def test_a_dbclient_without_the_token_is_never_signalled(box, service):
         assert box.run("stop").returncode == 0
         assert own.poll() is None and pid_alive(own.pid)
     finally:
-        own.kill()
+        end_pids(descendants(own.pid) + [own.pid])     # its proxy command (sleep) too
         own.wait()
 
 
