@@ -38,36 +38,28 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from conftest import (CTUNNEL, SshServer, ThrowawayUser, descendants,  # noqa: E402
-                      end_pids, pids_with_arg)
+from conftest import (CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
+                      descendants, end_pids, pids_with_arg)
 
 PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
 NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range
 
 
-class CountingRelay:
+class CountingRelay(Listener):
     """TCP relay 127.0.0.1:port -> target that counts every byte it carries."""
+
+    backlog = 256
 
     def __init__(self, target_port):
         self.target = target_port
         self.bytes = 0
         self.lock = threading.Lock()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+        Listener.__init__(self)
 
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+    def handle(self, client):
+        upstream = socket.create_connection(("127.0.0.1", self.target))
+        for a, b in ((client, upstream), (upstream, client)):
+            threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
 
     def _pipe(self, src, dst):
         try:
@@ -93,24 +85,14 @@ class CountingRelay:
             return self.bytes
 
 
-class SshLikeService:
+class SshLikeService(Listener):
     """The box's sshd, as a target: greets, reads one line, hangs up on anything
     that is not an SSH banner (what a real sshd does with CTunnel's "test")."""
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(256)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
+    backlog = 256
 
-    def _accept(self):
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+    def handle(self, conn):
+        threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     @staticmethod
     def _serve(conn):
@@ -120,9 +102,6 @@ class SshLikeService:
                 conn.recv(256)
             except OSError:
                 pass
-
-    def close(self):
-        self.sock.close()
 
 
 class PidCounter:

@@ -299,7 +299,37 @@ def sshd_without_nc(tmp_path_factory):
 
 # --- local services ---------------------------------------------------------
 
-class Service:
+class Listener:
+    """A TCP listener on 127.0.0.1:<free port>; a thread hands each connection to
+    self.handle(conn). Services in tests and bench are its subclasses."""
+
+    backlog = 16
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(self.backlog)
+        self.port = self.sock.getsockname()[1]
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+        self.thread.start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.handle(conn)
+
+    def handle(self, conn):
+        raise NotImplementedError
+
+    def close(self):
+        self.sock.close()
+
+
+class Service(Listener):
     """A TCP service on 127.0.0.1 that greets each client (or stays silent).
 
     Like sshd, it then keeps the connection until the client leaves (or
@@ -309,33 +339,22 @@ class Service:
     def __init__(self, greeting=None, hang_up=False):
         self.greeting = greeting
         self.hang_up = hang_up
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
         self.held = []
-        self.thread = threading.Thread(target=self._serve, daemon=True)
-        self.thread.start()
+        Listener.__init__(self)
 
-    def _serve(self):
-        while True:
+    def handle(self, conn):
+        if self.greeting is not None:
             try:
-                conn, _ = self.sock.accept()
+                conn.sendall(self.greeting)
             except OSError:
-                return
-            if self.greeting is not None:
-                try:
-                    conn.sendall(self.greeting)
-                except OSError:
-                    pass
-            if self.hang_up:
-                conn.close()
-            else:
-                self.held = [c for c in self.held if c.fileno() != -1][-64:] + [conn]
+                pass
+        if self.hang_up:
+            conn.close()
+        else:
+            self.held = [c for c in self.held if c.fileno() != -1][-64:] + [conn]
 
     def close(self):
-        self.sock.close()
+        Listener.close(self)
         for conn in self.held:
             conn.close()
 

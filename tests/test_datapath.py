@@ -15,13 +15,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 
 import pytest
 
-from conftest import (CTUNNEL, DropbearServer, SshServer, connect_read, free_port, pid_alive,
-                      port_accepts, wait_for)
+from conftest import (CTUNNEL, DropbearServer, Listener, SshServer, connect_read, free_port,
+                      pid_alive, port_accepts, wait_for)
 from test_tick import start_reverse
 
 
@@ -32,32 +31,17 @@ def checks(rig):
     return {c["check"]: (c["verdict"], c["detail"]) for c in record["checks"]}
 
 
-class AskFirstService:
+class AskFirstService(Listener):
     """A service where the client speaks first (HTTP-like): it answers a request."""
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
+    def handle(self, conn):
+        with conn:
+            conn.settimeout(10)
             try:
-                conn, _ = self.sock.accept()
+                if conn.recv(64).startswith(b"GET"):
+                    conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
             except OSError:
-                return
-            with conn:
-                conn.settimeout(10)
-                try:
-                    if conn.recv(64).startswith(b"GET"):
-                        conn.sendall(b"HTTP/1.0 200 OK\r\n\r\nhi")
-                except OSError:
-                    pass
-
-    def close(self):
-        self.sock.close()
+                pass
 
 
 def test_healthy_tick_runs_no_program(rig, service):

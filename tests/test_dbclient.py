@@ -462,3 +462,23 @@ def test_a_stale_session_of_a_dbclient_tunnel_is_reclaimed(tmp_path, make_box, s
         if rule:
             subprocess.run(["iptables", "-w", "-D", "INPUT"] + rule)
         server.stop()
+
+
+def test_a_forbidden_loopback_is_UNKNOWN_said_once_never_a_restart(tmp_path, make_box, service):
+    """permitopen leaves out the reverse port: the server closes the loopback's channel at
+    once, which dbclient cannot tell from "no listener". The launch still knows the forward
+    was accepted (dbclient lives on); the ticks say UNKNOWN once and never restart."""
+    server = SshServer(str(tmp_path), key_options='permitopen="127.0.0.1:1"')
+    try:
+        box = make_box(server)
+        box.write_config(service.port)
+        first = box.run()
+        assert first.returncode == 0, first.stderr
+        assert "pi: started" in first.stderr
+        assert "forbids it (permitopen), nothing listens there" in first.stderr
+        assert "(cannot tell; not restarting)" in first.stderr
+        pid = box.pid()
+        assert (box.run().stderr, box.pid()) == ("", pid)
+        assert connect_read(box.remote) == service.greeting      # the tunnel itself works
+    finally:
+        server.stop()
