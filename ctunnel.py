@@ -1840,8 +1840,9 @@ echo ctunnel-sessions
   ended=
   while read -r pid peer stuck; do
     start=$(cut -d' ' -f22 "/proc/$pid/stat" 2>/dev/null)
-    age=$(awk -v s="${start:-0}" -v hz="$hz" '{ print int($1 - s / hz) }' /proc/uptime)
-    echo session "$pid" "$age" "$peer" "$stuck"
+    began=$(awk -v s="${start:-0}" -v hz="$hz" '$1 == "btime" { print int($2 + s / hz) }' \
+      /proc/stat)
+    echo session "$pid" "$began" "$peer" "$stuck"
     if [ "$stuck" = 1 ] && [ "$reclaim" = 1 ]; then
       kill -TERM "$pid" 2>/dev/null && ended="$ended $pid"
     fi
@@ -1882,25 +1883,27 @@ def inspect_port(tunnel, forward):
     sessions = re.findall(r"^session (\d+) (\d+) (\S+) ([01])$", out, re.M)
     ended = set(re.findall(r"^ended (\d+)$", out, re.M))
 
-    def since(age):
-        return time.strftime("%H:%M", time.localtime(time.time() - int(age)))
+    def since(began):
+        """When the session began, from the server's boot time: the same on every
+        tick (an age would shift it across a minute, and a repeated line become news)."""
+        return time.strftime("%H:%M", time.localtime(int(began)))
 
     def peer(text):
         if text == "-":
             return "?"
         addr, port_hex = text.split(":")
         return "%s:%d" % (_proc_address(addr.encode()), int(port_hex, 16))
-    for pid, age, _, _ in sessions:
+    for pid, began, _, _ in sessions:
         if pid in ended:
             return ("reclaimed port %d from a stale session (server pid %s, up since %s)"
-                    % (port, pid, since(age)), "")
-    for pid, age, client, stuck in sorted(sessions, key=lambda s: s[3]):   # live ones first
+                    % (port, pid, since(began)), "")
+    for pid, began, client, stuck in sorted(sessions, key=lambda s: s[3]):   # live ones first
         if stuck == "0":
             return None, ("port %d is held by another live client of this login (server pid "
                           "%s, up since %s, from %s): leaving it alone"
-                          % (port, pid, since(age), peer(client)))
+                          % (port, pid, since(began), peer(client)))
         return None, ("a stale session holds port %d (server pid %s, up since %s); %s"
-                      % (port, pid, since(age), "it could not be ended" if tunnel.reclaim
+                      % (port, pid, since(began), "it could not be ended" if tunnel.reclaim
                          else "reclaim = no: waiting for the server to drop it"))
     return None, ("port %d on the server is held by another program or another user (a "
                   "Dropbear server's sessions cannot be looked into: start it with -K 10 -I "
