@@ -38,7 +38,7 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from conftest import (CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
+from harness import (CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
                       descendants, end_pids, pids_with_arg)
 
 PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc

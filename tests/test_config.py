@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import CTUNNEL
+from harness import CTUNNEL
 
 _spec = importlib.util.spec_from_file_location("ctunnel", CTUNNEL)
 ctunnel = importlib.util.module_from_spec(_spec)

@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, DropbearServer, Listener, SshServer, connect_read, free_port,
+from harness import (CTUNNEL, DropbearServer, Listener, SshServer, connect_read, free_port,
                       pid_alive, port_accepts, wait_for)
 from test_tick import start_reverse
 
@@ -285,7 +285,7 @@ def test_dropbear_server_is_proven_through_the_data_path(dropbear, make_rig, ser
 def test_target_that_hangs_up_at_once_never_causes_a_restart(rig):
     """A service that greets and closes before the master's connection can be
     seen: the loop may go unproven (UNKNOWN, said once), but never DOWN."""
-    from conftest import Service
+    from harness import Service
     quick = Service(b"bye\n", hang_up=True)
     try:
         remote, first = start_reverse(rig, quick)

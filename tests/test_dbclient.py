@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, SshServer, ThrowawayUser, connect_read, descendants, end_pids,
+from harness import (CTUNNEL, SshServer, ThrowawayUser, connect_read, descendants, end_pids,
                       free_port, pid_alive, pids_with_arg, wait_for)
 
 DBCLIENT = shutil.which("dbclient") or "/usr/bin/dbclient"
@@ -348,7 +348,7 @@ def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
     """The whole wizard, as a box user, to a Dropbear server: host key, a key made (for
     dbclient in Dropbear's format), installed through the user's agent, login proven, the
     first tick up; then its key line applied on the server, and the tunnel up again."""
-    from conftest import DropbearServer
+    from harness import DropbearServer
     top = tempfile.mkdtemp(prefix="ctw", dir="/tmp")
     os.chmod(top, 0o755)
     server = DropbearServer(os.path.join(top, "srv"))

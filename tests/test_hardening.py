@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, SshServer, ThrowawayUser, connect_read, end_pids, free_port,
+from harness import (CTUNNEL, SshServer, ThrowawayUser, connect_read, end_pids, free_port,
                       pid_alive, pids_with_arg, wait_for)
 from test_config import ctunnel, good_section, keyfile, run  # noqa: F401 (fixture)
 from test_tick import start_reverse

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from conftest import (ROOT, SshServer, connect_read, end_pids, free_port,
+from harness import (ROOT, SshServer, connect_read, end_pids, free_port,
                       pids_with_arg, wait_for)
 
 INSTALL = os.path.join(ROOT, "install.py")
@@ -561,7 +561,7 @@ def test_a_bad_target_answer_is_shown_as_typed():
 def test_a_dropbear_server_gets_advice_that_dropbear_accepts(service, make_rig, tmp_path):
     """The wizard reads the server's banner; its key line for Dropbear (no permitlisten,
     no restrict: Dropbear rejects or narrows them) is applied, and the tunnel comes up."""
-    from conftest import DropbearServer
+    from harness import DropbearServer
     top = tempfile.mkdtemp(prefix="ctdb", dir="/tmp")
     os.chmod(top, 0o755)
     server = DropbearServer(top)

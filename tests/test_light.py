@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 
-from conftest import CTUNNEL, connect_read, free_port
+from harness import CTUNNEL, connect_read, free_port
 
 # Packages OpenWrt splits out of python3-light (and a few more to be safe).
 ABSENT = ["logging", "unittest", "email", "urllib", "xml", "sqlite3", "multiprocessing",
@@ -87,7 +87,7 @@ def test_home_is_the_password_databases_not_HOME(sshd, service, tmp_path):
     (not root), use one key and one state: the second finds the tunnel healthy."""
     import shutil
     import tempfile
-    from conftest import ThrowawayUser, end_pids, pids_with_arg
+    from harness import ThrowawayUser, end_pids, pids_with_arg
     top = tempfile.mkdtemp(prefix="cth", dir="/tmp")
     os.chmod(top, 0o755)
     user = ThrowawayUser(os.path.join(top, "h"))

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import (SshServer, Service, ThrowawayUser, connect_read, descendants,
+from harness import (SshServer, Service, ThrowawayUser, connect_read, descendants,
                       free_port, pid_alive, port_accepts, wait_for)
 from test_config import ctunnel
 from test_tick import start_reverse

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from conftest import (CTUNNEL, SshServer, connect_read, descendants, free_port,
+from harness import (CTUNNEL, SshServer, connect_read, descendants, free_port,
                       pid_alive, port_accepts, wait_for)
 
 
