@@ -45,7 +45,9 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
-import ctunnel  # noqa: E402  (beside this file; its parsing and validation are reused)
+# ctunnel's own package, beside this file: its parsing and checks are reused
+from ctunnellib import clients, config, model  # noqa: E402
+from ctunnellib.clients import dbclient  # noqa: E402
 
 CTUNNEL_PY = os.path.join(os.path.dirname(os.path.realpath(__file__)), "ctunnel.py")
 DEFAULT_KEY = "~/.ssh/ctunnel_%s_ed25519"     # one key per tunnel, by its name
@@ -143,13 +145,13 @@ class Asker:
 def parse_target(text):
     """host:port on this side of a reverse forward (e.g. 127.0.0.1:22)."""
     try:
-        return ctunnel.parse_forward("1:" + text.strip()).spec[2:]
+        return config.parse_forward("1:" + text.strip()).spec[2:]
     except ValueError:
         raise ValueError('"%s" is not host:port (e.g. 127.0.0.1:22)' % text.strip())
 
 
 def parse_forward_or_empty(text):
-    return ctunnel.parse_forward(text).spec if text.strip() else ""
+    return config.parse_forward(text).spec if text.strip() else ""
 
 
 def _file_path(text):
@@ -179,24 +181,27 @@ def parse_config_path(text):
     path = _file_path(text)
     if os.path.exists(path):
         try:
-            ctunnel.read_config(path)
-        except ctunnel.ConfigError as e:
+            config.read_config(path)
+        except model.ConfigError as e:
             raise ValueError("%s: fix it or choose another file" % e)
     return path
 
 
 def default_config_path():
     """Where ctunnel.py looks first; or the config it already uses, if any."""
-    if os.environ.get(ctunnel.CONFIG_ENV):
-        return os.environ[ctunnel.CONFIG_ENV]
-    candidates = ctunnel.config_candidates(CTUNNEL_PY)
+    if os.environ.get(config.CONFIG_ENV):
+        return os.environ[config.CONFIG_ENV]
+    candidates = config.config_candidates(CTUNNEL_PY)
     return next((p for p in candidates if os.path.exists(p)), candidates[0])
 
 
 def default_name(host, taken=()):
     """A name from the host, made unique among the tunnels already configured."""
     label = re.sub(r"[^A-Za-z0-9_-]", "-", host.split(".")[0]) or "tunnel"
-    label = label if ctunnel._NAME_RE.match(label) else "tunnel"
+    try:
+        config.parse_tunnel_name(label)
+    except ValueError:
+        label = "tunnel"
     name, n = label, 1
     while name in taken:
         n += 1
@@ -209,8 +214,8 @@ def configured_tunnels(path):
     if not path or not os.path.exists(path):
         return {}
     try:
-        return {t.name: t for t in ctunnel.load_config(path, problems={})}
-    except ctunnel.ConfigError:
+        return {t.name: t for t in config.load_config(path, problems={})}
+    except model.ConfigError:
         return {}
 
 
@@ -229,15 +234,15 @@ def ask_plan(args, asker):
     if not p.ssh:
         raise Abort("%s: no such program (give --ssh, the path of ssh or dbclient)"
                     % (args.ssh or "ssh"), 2)
-    p.client = ctunnel.client_kind(p.ssh)
+    p.client = clients.kind_of(p.ssh)
     if p.client == "dbclient" and args.ssh_config:
         raise Abort("--ssh-config: %s is Dropbear's dbclient, which reads no ssh_config"
                     % p.ssh, 2)
     asker.say("ctunnel setup: a tunnel from this box to an ssh server, kept up by cron.\n")
     while True:
         p.host = asker.ask("ssh server (name, IP or ssh_config alias)",
-                           parse=ctunnel.parse_host, preset=args.host, flag="--host")
-        p.port = asker.ask("its ssh port", "22", ctunnel.parse_port, args.port, "--port")
+                           parse=config.parse_host, preset=args.host, flag="--host")
+        p.port = asker.ask("its ssh port", "22", config.parse_port, args.port, "--port")
         if not asker.interactive or args.host is not None:
             break                   # checked once every flag is known to be good
         problem, _ = reach_server(p)
@@ -245,11 +250,11 @@ def ask_plan(args, asker):
             break
         asker.say("  %s; try again." % problem)
     p.user = asker.ask("login user on the server", local_user(),
-                       lambda s: ctunnel.parse_host(s, "user"), args.user, "--user")
+                       lambda s: config.parse_host(s, "user"), args.user, "--user")
     p.config = args.config or default_config_path()     # asked below; known for the name
     taken = configured_tunnels(p.config)
     p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
-                       ctunnel.parse_tunnel_name, args.name, "--name")
+                       config.parse_tunnel_name, args.name, "--name")
     confirm_replace(p, args, asker)
     p.remote, p.local = ask_forwards(args, asker)
     if asker.interactive and args.identity_file is None:
@@ -283,7 +288,7 @@ def confirm_replace(p, args, asker):
             raise Abort("%s; give --replace to replace it, or another --name" % what, 2)
         taken = configured_tunnels(p.config)
         p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
-                           ctunnel.parse_tunnel_name)
+                           config.parse_tunnel_name)
 
 
 def reach_server(plan):
@@ -327,7 +332,7 @@ def ask_forwards(args, asker):
         asker.say("\nA reverse forward makes a port on the server lead to this side, e.g. "
                   "the server's 1122 to this box's ssh (127.0.0.1:22).")
         if asker.confirm("expose a port of this box on the server (reverse forward)?", True):
-            port = asker.ask("  port on the server", DEFAULT_REMOTE_PORT, ctunnel.parse_port)
+            port = asker.ask("  port on the server", DEFAULT_REMOTE_PORT, config.parse_port)
             target = asker.ask("  leads to host:port on this side", DEFAULT_TARGET,
                                parse_target)
             remote.append("%d:%s" % (port, target))
@@ -340,7 +345,7 @@ def ask_forwards(args, asker):
 
 
 def _flag_specs(asker, flag, specs):
-    return [asker.ask(flag, parse=ctunnel.parse_forward, preset=spec, flag=flag).spec
+    return [asker.ask(flag, parse=config.parse_forward, preset=spec, flag=flag).spec
             for spec in specs or []]
 
 
@@ -507,8 +512,8 @@ def check_server(plan, asker):
     (ssh -W): refused means it is free; a connection means it is taken.
     """
     for spec in plan.remote:
-        fwd = ctunnel.parse_forward(spec)
-        argv = ssh_base(plan) + ["-W", "%s:%d" % (ctunnel.check_address(fwd), fwd.port),
+        fwd = config.parse_forward(spec)
+        argv = ssh_base(plan) + ["-W", "%s:%d" % (model.check_address(fwd), fwd.port),
                                  "--", plan.host]
         try:
             done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True,
@@ -541,12 +546,12 @@ def dbclient_run(plan, *command, stdin=b"", terminal=False, agent=False, key=Tru
     """
     argv = [plan.ssh, "-p", str(plan.port), "-l", plan.user] + \
         (["-i", plan.key] if key else []) + [plan.host] + list(command)
-    env = dict(os.environ, HOME=ctunnel.expand_home("~"))
+    env = dict(os.environ, HOME=model.expand_home("~"))
     env.pop("DROPBEAR_PASSWORD", None)
     if not agent:
         env.pop("SSH_AUTH_SOCK", None)
     try:
-        done = subprocess.run(argv, input=ctunnel.NO_ANSWER + stdin, capture_output=True,
+        done = subprocess.run(argv, input=dbclient.NO_ANSWER + stdin, capture_output=True,
                               env=env, timeout=SSH_TIMEOUT, start_new_session=not terminal)
     except subprocess.TimeoutExpired:
         return None, "no answer within %ds" % SSH_TIMEOUT
@@ -560,9 +565,9 @@ def _as_tunnel(plan):
 
 def dbclient_host_key(plan, asker, accept):
     """Show the server's host key as dbclient sees it; on a yes, dbclient records it."""
-    if ctunnel.dbclient_knows_host(plan):
+    if dbclient.knows_host(plan):
         return
-    env = dict(os.environ, HOME=ctunnel.expand_home("~"))
+    env = dict(os.environ, HOME=model.expand_home("~"))
     for name in ("SSH_AUTH_SOCK", "DROPBEAR_PASSWORD"):
         env.pop(name, None)
     proc = subprocess.Popen([plan.ssh, "-p", str(plan.port), "-l", plan.user, plan.host,
@@ -582,13 +587,13 @@ def dbclient_host_key(plan, asker, accept):
             raise Abort("cannot read the host key of %s port %d: %s"
                         % (plan.host, plan.port, lines[-1] if lines else "no answer"))
         asker.say("\nThe server %s is not in %s yet. dbclient sees its key as:"
-                  % (plan.host, ctunnel.expand_home("~/.ssh/known_hosts")))
+                  % (plan.host, model.expand_home("~/.ssh/known_hosts")))
         asker.say("  %s %s" % (m.group(1), m.group(2)))
         asker.say("Compare on the server: ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub "
                   "(Dropbear: dropbearkey -y -f /etc/dropbear/dropbear_ed25519_host_key)")
         trusted = asker.confirm("is this the server's key?", False, True if accept else None)
         # "y" to the question; a password prompt that may follow gets the "no"
-        proc.stdin.write(b"y\n" + ctunnel.NO_ANSWER if trusted else ctunnel.NO_ANSWER)
+        proc.stdin.write(b"y\n" + dbclient.NO_ANSWER if trusted else dbclient.NO_ANSWER)
         proc.stdin.close()
         proc.wait(SSH_TIMEOUT)
     finally:
@@ -598,15 +603,15 @@ def dbclient_host_key(plan, asker, accept):
     if not trusted:
         raise Abort("host key not trusted; run again when you have checked it "
                     "(or pass --accept-host-key)")
-    if not ctunnel.dbclient_knows_host(plan):
+    if not dbclient.knows_host(plan):
         raise Abort("dbclient did not record the host key in %s"
-                    % ctunnel.expand_home("~/.ssh/known_hosts"))
-    asker.say("  added to %s" % ctunnel.expand_home("~/.ssh/known_hosts"))
+                    % model.expand_home("~/.ssh/known_hosts"))
+    asker.say("  added to %s" % model.expand_home("~/.ssh/known_hosts"))
 
 
 def dbclient_key(plan, asker):
     """A Dropbear-format key (dropbearkey), with its public line in KEY.pub."""
-    if os.path.exists(plan.key) and ctunnel.key_is_openssh_format(plan.key):
+    if os.path.exists(plan.key) and dbclient.key_is_openssh_format(plan.key):
         converted = plan.key + ".dropbear"
         if not os.path.exists(converted):
             subprocess.run(["dropbearconvert", "openssh", "dropbear", plan.key, converted],
@@ -652,7 +657,7 @@ def dbclient_prove_login(plan):
     status, said = dbclient_run(plan, "true")
     if status != 0:
         raise Abort("a non-interactive login with %s fails: %s" % (plan.key, (
-            ctunnel.explain_dbclient_failure(_as_tunnel(plan), said.splitlines(), status)
+            dbclient.explain_failure(_as_tunnel(plan), said.splitlines(), status)
             if status is not None else said)))
 
 
@@ -734,9 +739,9 @@ def write_config(plan):
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
         os.chmod(tmp, 0o600)
-        ctunnel.load_config(tmp)
+        config.load_config(tmp)
         os.replace(tmp, plan.config)
-    except ctunnel.ConfigError as e:
+    except model.ConfigError as e:
         raise Abort("the config would not be valid: %s" % str(e).replace(tmp, plan.config))
     finally:
         if os.path.exists(tmp):
@@ -747,15 +752,15 @@ def write_config(plan):
 # cron
 # ---------------------------------------------------------------------------
 
-def cron_line(config):
-    """The crontab line; -c only when ctunnel would not find the config by itself."""
+def cron_line(path):
+    """The crontab line; -c only when ctunnel would not find the config at path by itself."""
     command = shlex.quote(CTUNNEL_PY)
     try:
-        found = ctunnel.find_config(None, environ={}, script=CTUNNEL_PY)
-    except ctunnel.ConfigError:
+        found = config.find_config(None, environ={}, script=CTUNNEL_PY)
+    except model.ConfigError:
         found = None
-    if found != config:
-        command += " -c " + shlex.quote(config)
+    if found != path:
+        command += " -c " + shlex.quote(path)
     return "* * * * * " + command
 
 
@@ -786,8 +791,8 @@ def install_cron(line, asker):
 
 def server_advice(plan):
     """The server-side settings this setup needs, with why, as text."""
-    remote = [ctunnel.parse_forward(s) for s in plan.remote]
-    local = [ctunnel.parse_forward(s, "L") for s in plan.local]
+    remote = [config.parse_forward(s) for s in plan.remote]
+    local = [config.parse_forward(s, "L") for s in plan.local]
     # a key shared with other tunnels to the same account must allow their ports too
     sharing = [t for t in configured_tunnels(getattr(plan, "config", None)).values()
                if t.name != plan.name and t.identity_file == plan.key and
@@ -807,10 +812,10 @@ def server_advice(plan):
                 "  Why: %s must listen on more than the server's loopback."
                 % ", ".join(f.spec for f in wide)]
     options = ["restrict", "port-forwarding"]
-    options += ['permitlisten="%s:%d"' % (f.bind or ctunnel.DEFAULT_BIND, f.port) for f in remote]
+    options += ['permitlisten="%s:%d"' % (f.bind or model.DEFAULT_BIND, f.port) for f in remote]
     if local:   # once any permitopen is given, the data-path check needs its own
         options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
-        options += ['permitopen="%s:%d"' % (ctunnel.check_address(f), f.port) for f in remote]
+        options += ['permitopen="%s:%d"' % (model.check_address(f), f.port) for f in remote]
     with open(plan.key + ".pub") as f:
         key = f.read().strip()
     out += ["", "In ~%s/.ssh/authorized_keys on the server, make the key's line:" % plan.user,
@@ -833,7 +838,7 @@ def _dropbear_advice(plan, remote, local, sharing):
     options = ["no-pty", "no-agent-forwarding", "no-X11-forwarding"]
     if local:   # once any permitopen is given, the data-path check needs its own
         options += ['permitopen="%s:%d"' % (f.host, f.hostport) for f in local]
-        options += ['permitopen="%s:%d"' % (ctunnel.check_address(f), f.port) for f in remote]
+        options += ['permitopen="%s:%d"' % (model.check_address(f), f.port) for f in remote]
     with open(plan.key + ".pub") as f:
         key = f.read().strip()
     out = ["", "The server is Dropbear. Start it with a keepalive: dropbear -K 10 ...",

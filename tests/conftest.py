@@ -6,7 +6,7 @@ import tempfile
 
 import pytest
 
-from harness import DropbearServer, Rig, Service, SshServer, end_pids, pids_with_arg
+from harness import Rig, Service, SshServer, end_pids, pids_with_arg
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +22,14 @@ def sshd_without_nc(tmp_path_factory):
     server = SshServer(str(tmp_path_factory.mktemp("sshd-nonc")), session_path="/nonexistent")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def keyfile(tmp_path):
+    """A file that stands for a key (the config only needs it readable)."""
+    key = tmp_path / "key"
+    key.write_text("not really a key\n")
+    return str(key)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import textwrap
 import threading
 import time
@@ -22,6 +21,9 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTUNNEL = os.path.join(ROOT, "ctunnel.py")
+INSTALL = os.path.join(ROOT, "install.py")
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)        # tests import the package's modules directly
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 DEADLINE = 20.0   # seconds any awaited condition may take before the test fails
 
@@ -122,6 +124,47 @@ def port_accepts(port):
         return True
     except OSError:
         return False
+
+
+def as_user(user):
+    """The prefix that runs a command as user (a ThrowawayUser), without its groups."""
+    return ["setpriv", "--reuid=%d" % user.uid, "--regid=%d" % user.gid, "--clear-groups"]
+
+
+def install_copy(folder):
+    """Copy what a box installs (ctunnel.py, install.py, ctunnellib/) into folder;
+    return the copied ctunnel.py."""
+    for name in ("ctunnel.py", "install.py"):
+        shutil.copy2(os.path.join(ROOT, name), os.path.join(folder, name))
+    shutil.copytree(os.path.join(ROOT, "ctunnellib"), os.path.join(folder, "ctunnellib"),
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    return os.path.join(folder, "ctunnel.py")
+
+
+def run_ctunnel(*args, user=None, env=None, cwd=None, timeout=60, python=None):
+    """Run ctunnel.py as cron would, optionally as user; return the CompletedProcess."""
+    argv = (as_user(user) if user else []) + [python or sys.executable, CTUNNEL] + list(args)
+    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=cwd)
+
+
+def make_tunnel(state_dir, **over):
+    """A Tunnel for tests of pure pieces (argv, verdicts), as the config would load it."""
+    from ctunnellib.config import DEFAULTS, Tunnel, parse_forward
+    base = dict(DEFAULTS, name="pi", host="vps", port=None, ssh_options=(), ssh="/usr/bin/ssh",
+                remote_forward=(parse_forward("1122:127.0.0.1:22"),), local_forward=(),
+                server_alive_interval=10, server_alive_count_max=3, check_timeout=5.0,
+                reclaim=True, state_dir=str(state_dir), client="openssh")
+    base.update(over)
+    return Tunnel(**base)
+
+
+def good_section(tmp_path, keyfile, **override):
+    """A valid tunnel body; override replaces keys (None drops one)."""
+    keys = {"host": "example.invalid", "remote_forward": "1122:127.0.0.1:22",
+            "identity_file": keyfile, "state_dir": str(tmp_path / "st")}
+    keys.update(override)
+    return "".join("%s = %s\n" % kv for kv in keys.items() if kv[1] is not None)
 
 
 # --- the ssh server ---------------------------------------------------------
@@ -376,9 +419,18 @@ class Rig:
 
     def run(self, *args, env=None, timeout=60):
         """Run ctunnel.py with this config; return the CompletedProcess."""
-        return subprocess.run([sys.executable, CTUNNEL, "-c", self.conf] + list(args),
-                              stdin=subprocess.DEVNULL, capture_output=True, text=True,
-                              timeout=timeout, env=env)
+        return run_ctunnel("-c", self.conf, *args, env=env, timeout=timeout)
+
+    def start_reverse(self, service, **keys):
+        """Write a config with one -R forward to service, run the first tick.
+
+        Returns (the reverse port on the server, the first tick's result).
+        """
+        remote = free_port()
+        self.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port), **keys)
+        first = self.run()
+        assert first.returncode == 0, first.stderr
+        return remote, first
 
     def path(self, name, suffix):
         return os.path.join(self.state_dir, "state", "%s.%s" % (name, suffix))

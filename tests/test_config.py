@@ -3,7 +3,6 @@
 Also the pure pieces (forward specs, ports, argv building) as input/output tables.
 """
 
-import importlib.util
 import os
 import re
 import shutil
@@ -15,31 +14,10 @@ import sys
 
 import pytest
 
-from harness import CTUNNEL
+from harness import CTUNNEL, good_section, install_copy, make_tunnel, run_ctunnel as run
 
-_spec = importlib.util.spec_from_file_location("ctunnel", CTUNNEL)
-ctunnel = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ctunnel)
-
-
-def run(*args, env=None, cwd=None):
-    return subprocess.run([sys.executable, CTUNNEL] + list(args), capture_output=True,
-                          text=True, stdin=subprocess.DEVNULL, timeout=30, env=env, cwd=cwd)
-
-
-@pytest.fixture
-def keyfile(tmp_path):
-    key = tmp_path / "key"
-    key.write_text("not really a key\n")
-    return str(key)
-
-
-def good_section(tmp_path, keyfile, **override):
-    """A valid tunnel body; override replaces keys (None drops one)."""
-    keys = {"host": "example.invalid", "remote_forward": "1122:127.0.0.1:22",
-            "identity_file": keyfile, "state_dir": str(tmp_path / "st")}
-    keys.update(override)
-    return "".join("%s = %s\n" % kv for kv in keys.items() if kv[1] is not None)
+from ctunnellib import clients, config, model, procfs
+from ctunnellib.clients import dbclient, openssh
 
 
 BAD_CONFIGS = [
@@ -201,19 +179,18 @@ def test_usage_errors_exit_2_and_help_exits_0():
 
 def test_config_search_order(tmp_path):
     env_conf = str(tmp_path / "env.conf")
-    assert ctunnel.find_config("/x.conf", environ={"CTUNNEL_CONFIG": env_conf}) == "/x.conf"
-    assert ctunnel.find_config(None, environ={"CTUNNEL_CONFIG": env_conf}) == env_conf
+    assert config.find_config("/x.conf", environ={"CTUNNEL_CONFIG": env_conf}) == "/x.conf"
+    assert config.find_config(None, environ={"CTUNNEL_CONFIG": env_conf}) == env_conf
     beside = tmp_path / "opt"
     beside.mkdir()
     (beside / "rstunnel.conf").write_text("")
-    assert ctunnel.find_config(None, environ={}, script=str(beside / "ctunnel.py")) == \
+    assert config.find_config(None, environ={}, script=str(beside / "ctunnel.py")) == \
         str(beside / "rstunnel.conf")
 
 
 def test_no_config_anywhere_names_the_places(tmp_path):
     env = {"HOME": str(tmp_path), "PATH": os.environ["PATH"]}
-    script = tmp_path / "ctunnel.py"
-    script.write_bytes(open(CTUNNEL, "rb").read())
+    script = install_copy(str(tmp_path))       # a copy: nothing beside it, no config
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                             env=env, timeout=30)
     if os.path.exists("/etc/ctunnel/rstunnel.conf"):
@@ -229,7 +206,7 @@ def test_defaults_are_inherited_and_sections_override(tmp_path, keyfile):
                     "[b]\nhost = other\nlocal_forward =\n  8080:127.0.0.1:80\n"
                     "  127.0.0.1:8443:[::1]:443\nssh_options = Compression=yes\n  ConnectionAttempts=2\n"
                     % (tmp_path / "st"))
-    a, b = ctunnel.load_config(str(conf))
+    a, b = config.load_config(str(conf))
     assert (a.host, a.user, a.check_timeout, b.host) == ("vps", "pi", 7.0, "other")
     assert [f.spec for f in b.forwards] == ["8080:127.0.0.1:80", "127.0.0.1:8443:[::1]:443"]
     assert b.ssh_options == ("Compression=yes", "ConnectionAttempts=2")
@@ -268,7 +245,7 @@ def test_relative_paths_are_relative_to_the_config_file(tmp_path):
 
 def test_control_socket_length_counts_what_ssh_adds(tmp_path, keyfile):
     """ssh binds NAME.ctl plus 17 bytes first: a 95-byte path must be refused."""
-    room = ctunnel.SOCKET_PATH_MAX - len("/pi.ctl") - 10
+    room = config.SOCKET_PATH_MAX - len("/pi.ctl") - 10
     state = "/tmp/" + "d" * (room - len("/tmp/"))
     conf = tmp_path / "c.conf"
     conf.write_text("[pi]\n" + good_section(tmp_path, keyfile, state_dir=state))
@@ -284,7 +261,7 @@ def test_control_socket_length_counts_what_ssh_adds(tmp_path, keyfile):
     (" 1122:127.0.0.1:22 ", ("", 1122, "127.0.0.1", 22)),
 ])
 def test_parse_forward_accepts(spec, expected):
-    f = ctunnel.parse_forward(spec)
+    f = config.parse_forward(spec)
     assert (f.bind, f.port, f.host, f.hostport) == expected
 
 
@@ -293,7 +270,7 @@ def test_parse_forward_accepts(spec, expected):
                                   "$(id):1122:h:22", "1122:h:22:33:44", ""])
 def test_parse_forward_rejects(spec):
     with pytest.raises(ValueError):
-        ctunnel.parse_forward(spec)
+        config.parse_forward(spec)
 
 
 @pytest.mark.parametrize("bind,address", [("", "127.0.0.1"), ("*", "127.0.0.1"),
@@ -302,24 +279,14 @@ def test_parse_forward_rejects(spec):
                                           ("10.0.0.5", "10.0.0.5"), ("[::1]", "::1")])
 def test_check_address(bind, address):
     spec = ("%s:1122:h:22" % bind) if bind else "1122:h:22"
-    assert ctunnel.check_address(ctunnel.parse_forward(spec)) == address
-
-
-def make_tunnel(tmp_path, **over):
-    base = dict(name="pi", host="vps", user="", port=None, identity_file="", ssh_config="",
-                forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),), ssh_options=(),
-                ssh="/usr/bin/ssh", alive_interval=10, alive_count=3, check_timeout=5.0,
-                remote_check="auto", reclaim=True, state_dir=str(tmp_path))
-    base.update(over)
-    return ctunnel.Tunnel(**base)
+    assert model.check_address(config.parse_forward(spec)) == address
 
 
 def test_launch_argv_keeps_our_options_first_and_never_a_shell(tmp_path):
     t = make_tunnel(tmp_path, user="pi", port=2222, identity_file="/k",
                     ssh_options=("ExitOnForwardFailure=no", "Compression=yes"),
-                    forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),
-                              ctunnel.parse_forward("8080:127.0.0.1:80", "L")))
-    argv = ctunnel.build_launch_argv(t)
+                    local_forward=(config.parse_forward("8080:127.0.0.1:80", "L"),))
+    argv = openssh.build_launch_argv(t)
     assert argv[:3] == ["/usr/bin/ssh", "-f", "-N"]
     # ssh takes the first value of an option: ours come before the user's
     assert argv.index("ExitOnForwardFailure=yes") < argv.index("ExitOnForwardFailure=no")
@@ -333,11 +300,11 @@ def test_launch_argv_keeps_our_options_first_and_never_a_shell(tmp_path):
 
 def test_mux_argv_cannot_fall_back_to_a_new_connection(tmp_path):
     t = make_tunnel(tmp_path)
-    argv = ctunnel.build_mux_argv(t, "nc", "-z", "127.0.0.1", "1122")
+    argv = openssh.build_mux_argv(t, "nc", "-z", "127.0.0.1", "1122")
     assert "ProxyCommand=false" in argv
     assert argv[argv.index("-S") + 1] == str(tmp_path / "pi.ctl")
     assert argv[-6:] == ["--", "vps", "nc", "-z", "127.0.0.1", "1122"]
-    assert ctunnel.remote_check_command(t.forwards[0], t.check_timeout) == \
+    assert openssh.remote_check_command(t.forwards[0], t.check_timeout) == \
         ["nc", "-z", "-w", "4", "--", "127.0.0.1", "1122"]
 
 
@@ -348,15 +315,15 @@ def test_mux_argv_cannot_fall_back_to_a_new_connection(tmp_path):
     ("[::1]:2222:[fe80::1]:22", "[::1]:2222:[fe80::1]:22"),
 ])
 def test_forward_arg_always_names_a_bind_address(spec, arg):
-    assert ctunnel.forward_arg(ctunnel.parse_forward(spec)) == arg
+    assert model.forward_arg(config.parse_forward(spec)) == arg
 
 
 def test_nc_fallback_is_quoted_for_the_servers_shell():
-    fwd = ctunnel.parse_forward("*:1122:h:22")
-    assert ctunnel.remote_nc_command(fwd, 5) == \
+    fwd = config.parse_forward("*:1122:h:22")
+    assert openssh.remote_nc_command(fwd, 5) == \
         "echo ctunnel-nc; nc -z -w 4 -- 127.0.0.1 1122 2>&1; echo ctunnel-nc=$?"
-    fwd = ctunnel.parse_forward("[::1]:1122:h:22")
-    assert "-- ::1 1122 2>&1" in ctunnel.remote_nc_command(fwd, 5)
+    fwd = config.parse_forward("[::1]:1122:h:22")
+    assert "-- ::1 1122 2>&1" in openssh.remote_nc_command(fwd, 5)
 
 
 def test_dry_run_prints_commands_and_runs_nothing(tmp_path, keyfile):
@@ -396,18 +363,18 @@ def test_process_identity_is_the_control_socket_in_argv(tmp_path):
     not_ssh = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)",
                                 "-S", ctl])                   # our path, but not ssh
     try:
-        assert ctunnel.is_tunnel_ssh(ours.pid, t)
-        assert not ctunnel.is_tunnel_ssh(other_ctl.pid, t)     # ssh, but not our socket
-        assert not ctunnel.is_tunnel_ssh(not_ssh.pid, t)
-        assert not ctunnel.is_tunnel_ssh(os.getpid(), t)
-        assert all(ctunnel.process_alive(p.pid) for p in (ours, other_ctl, not_ssh))
+        assert clients.is_tunnel_process(ours.pid, t)
+        assert not clients.is_tunnel_process(other_ctl.pid, t)     # ssh, but not our socket
+        assert not clients.is_tunnel_process(not_ssh.pid, t)
+        assert not clients.is_tunnel_process(os.getpid(), t)
+        assert all(procfs.process_alive(p.pid) for p in (ours, other_ctl, not_ssh))
     finally:
         for p in (ours, other_ctl, not_ssh):
             p.kill()
             p.wait()
         silent.close()
-    assert not ctunnel.process_alive(ours.pid)
-    assert not ctunnel.is_tunnel_ssh(ours.pid, t)
+    assert not procfs.process_alive(ours.pid)
+    assert not clients.is_tunnel_process(ours.pid, t)
 
 
 def test_example_config_is_valid():
@@ -454,15 +421,14 @@ def test_status_and_stop_without_their_state_dir_say_so_in_one_line(tmp_path, ke
 @pytest.mark.parametrize("path,kind", [("/usr/bin/ssh", "openssh"), ("/usr/bin/dbclient", "dbclient"),
                                        ("/usr/sbin/dropbearmulti", "dbclient")])
 def test_the_client_is_told_by_its_name(path, kind):
-    assert ctunnel.client_kind(path) == kind
+    assert clients.kind_of(path) == kind
 
 
 def test_dbclient_argv_puts_a_loopback_after_the_forwards(tmp_path):
     t = make_tunnel(tmp_path, client="dbclient", port=2222, user="pi", identity_file="/k",
-                    forwards=(ctunnel.parse_forward("1122:127.0.0.1:22"),
-                              ctunnel.parse_forward("8080:10.0.0.9:80", "L")))
-    assert ctunnel.build_dbclient_argv(t, [40001]) == [
+                    local_forward=(config.parse_forward("8080:10.0.0.9:80", "L"),))
+    assert dbclient.build_argv(t, [40001]) == [
         "/usr/bin/ssh", "-p", "2222", "-l", "pi", "-i", "/k", "-N", "-T", "-K", "10",
         "-o", "ExitOnForwardFailure=yes", "-R", "127.0.0.1:1122:127.0.0.1:22",
         "-L", "127.0.0.1:8080:10.0.0.9:80", "-L", "127.0.0.1:40001:127.0.0.1:1122", "vps"]
-    assert "--" not in ctunnel.build_dbclient_argv(t, [1])      # dbclient takes no --
+    assert "--" not in dbclient.build_argv(t, [1])      # dbclient takes no --

@@ -21,7 +21,6 @@ import pytest
 
 from harness import (CTUNNEL, DropbearServer, Listener, SshServer, connect_read, free_port,
                       pid_alive, port_accepts, wait_for)
-from test_tick import start_reverse
 
 
 def checks(rig):
@@ -46,7 +45,7 @@ class AskFirstService(Listener):
 
 def test_healthy_tick_runs_no_program(rig, service):
     """strace: the only execve of a healthy tick is python itself."""
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     trace = os.path.join(rig.state_dir, "trace")
     result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", trace,
                              sys.executable, CTUNNEL, "-c", rig.conf],
@@ -62,7 +61,7 @@ def test_healthy_tick_runs_no_program(rig, service):
 def test_services_that_do_not_greet_are_up(rig, silent_service, kind):
     target = silent_service if kind == "silent" else AskFirstService()
     try:
-        remote, _ = start_reverse(rig, target)
+        remote, _ = rig.start_reverse(target)
         pid = rig.pid()
         again = rig.run("-v")
         assert again.returncode == 0
@@ -149,7 +148,7 @@ def test_local_forward_must_be_owned_by_our_ssh(rig, service):
 def test_remote_port_held_by_another_program_is_down(rig, service):
     """Our listener on the server is gone and another program took the port: a
     connection there does not come back through this tunnel."""
-    remote, _ = start_reverse(rig, service, check_timeout=2)
+    remote, _ = rig.start_reverse(service, check_timeout=2)
     subprocess.run(rig.server.ssh_argv("-S", rig.path("pi", "ctl"), "-O", "cancel", "-R",
                                        "127.0.0.1:%d:127.0.0.1:%d" % (remote, service.port),
                                        "127.0.0.1"), check=True, capture_output=True)
@@ -175,7 +174,7 @@ def test_forced_command_key_is_up_through_the_channel(make_rig, service, tmp_pat
     server = SshServer(str(tmp_path), key_options='command="/bin/false"')
     try:
         rig = make_rig(server)
-        remote, first = start_reverse(rig, service)
+        remote, first = rig.start_reverse(service)
         assert len(first.stderr.splitlines()) == 1
         pid = rig.pid()
         for _ in range(2):
@@ -211,7 +210,7 @@ def test_server_forbidding_channels_falls_back_to_nc(make_rig, service, tmp_path
     server = SshServer(str(tmp_path), extra=["AllowTcpForwarding remote"], session_path=tools)
     try:
         rig = make_rig(server)
-        remote, first = start_reverse(rig, service)
+        remote, first = rig.start_reverse(service)
         pid = rig.pid()
         state, detail = checks(rig)["remote forward %d" % remote]
         assert (state, words in detail) == (verdict, True), detail
@@ -231,7 +230,7 @@ def test_remote_check_channel_never_runs_nc(make_rig, service, tmp_path):
     server = SshServer(str(tmp_path), extra=["AllowTcpForwarding remote"])
     try:
         rig = make_rig(server)
-        remote, first = start_reverse(rig, service, remote_check="channel")
+        remote, first = rig.start_reverse(service, remote_check="channel")
         state, detail = checks(rig)["remote forward %d" % remote]
         assert state == "UNKNOWN" and "and nc" not in detail
         assert "the server forbids a channel to 127.0.0.1:%d" % remote in first.stderr
@@ -240,7 +239,7 @@ def test_remote_check_channel_never_runs_nc(make_rig, service, tmp_path):
 
 
 def test_control_socket_that_says_nothing_is_bounded_and_one_line(rig, service):
-    remote, _ = start_reverse(rig, service, check_timeout=2)
+    remote, _ = rig.start_reverse(service, check_timeout=2)
     old = rig.pid()
     ctl = rig.path("pi", "ctl")
     os.rename(ctl, ctl + ".real")
@@ -274,7 +273,7 @@ def dropbear():
 
 def test_dropbear_server_is_proven_through_the_data_path(dropbear, make_rig, service):
     rig = make_rig(dropbear)
-    remote, first = start_reverse(rig, service)
+    remote, first = rig.start_reverse(service)
     assert len(first.stderr.splitlines()) == 1, first.stderr
     verdict, detail = checks(rig)["remote forward %d" % remote]
     assert verdict == "UP" and detail.startswith("data path"), detail
@@ -288,7 +287,7 @@ def test_target_that_hangs_up_at_once_never_causes_a_restart(rig):
     from harness import Service
     quick = Service(b"bye\n", hang_up=True)
     try:
-        remote, first = start_reverse(rig, quick)
+        remote, first = rig.start_reverse(quick)
         pid = rig.pid()
         for _ in range(3):
             tick = rig.run()

@@ -19,8 +19,9 @@ import pytest
 
 from harness import (CTUNNEL, SshServer, ThrowawayUser, connect_read, end_pids, free_port,
                       pid_alive, pids_with_arg, wait_for)
-from test_config import ctunnel, good_section, keyfile, run  # noqa: F401 (fixture)
-from test_tick import start_reverse
+from harness import good_section, run_ctunnel as run
+
+from ctunnellib import ladder, procfs, statefiles
 
 PEAK_RSS = """
 import os, runpy, sys
@@ -185,7 +186,7 @@ def test_a_planted_lock_symlink_is_refused(rig, service, tmp_path):
 
 
 def test_state_files_are_0600(rig, service):
-    start_reverse(rig, service)
+    rig.start_reverse(service)
     os.kill(rig.pid(), signal.SIGKILL)
     wait_for(lambda: not pid_alive(rig.pid()), what="ssh to die")
     assert rig.run().returncode == 0
@@ -198,7 +199,7 @@ def test_state_files_are_0600(rig, service):
 def test_look_alikes_are_never_signalled(rig, service, stranger):
     """A same-user program that only calls itself ssh, and another user's real ssh,
     both naming our control socket: the repair leaves them alone."""
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     ctl = rig.path("pi", "ctl")
     not_ssh = subprocess.Popen(["/usr/bin/ssh", "-c", "import time; time.sleep(60)", "-S", ctl],
                                executable=sys.executable)
@@ -236,7 +237,7 @@ def test_processes_that_ignore_sigterm_cost_one_grace_period_in_all():
     for p in stubborn:
         p.stdout.readline()                 # SIG_IGN is in place
     began = time.monotonic()
-    gone = ctunnel.kill_processes([p.pid for p in stubborn], grace=1.0)
+    gone = procfs.kill_processes([p.pid for p in stubborn], grace=1.0)
     took = time.monotonic() - began
     for p in stubborn:
         p.wait()
@@ -246,7 +247,7 @@ def test_processes_that_ignore_sigterm_cost_one_grace_period_in_all():
 
 
 def test_a_vanished_pid_never_raises():
-    assert ctunnel.kill_processes([2 ** 22 + 12345], grace=0.1) == [2 ** 22 + 12345]
+    assert procfs.kill_processes([2 ** 22 + 12345], grace=0.1) == [2 ** 22 + 12345]
 
 
 # --- bounded reads ------------------------------------------------------------
@@ -264,7 +265,7 @@ def test_a_server_that_talks_100_mb_costs_no_memory(make_rig, service, tmp_path)
     server = SshServer(str(tmp_path), extra=["AllowTcpForwarding remote"], session_path=tools)
     try:
         rig = make_rig(server)
-        start_reverse(rig, service, check_timeout=20)
+        rig.start_reverse(service, check_timeout=20)
         result, mb = peak_rss_run("-c", rig.conf)
         assert result.returncode == 0, result.stderr
         assert mb < 40, "peak RSS %.0f MB" % mb
@@ -274,13 +275,13 @@ def test_a_server_that_talks_100_mb_costs_no_memory(make_rig, service, tmp_path)
 
 
 def test_a_100_mb_log_is_read_from_its_end_and_cut_back(rig, service):
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     with open(rig.path("pi", "log"), "ab") as f:
         f.write((b"x" * 99 + b"\n") * 1000000)
     result, mb = peak_rss_run("-c", rig.conf)
     assert result.returncode == 0, result.stderr
     assert mb < 40, "peak RSS %.0f MB" % mb
-    assert os.path.getsize(rig.path("pi", "log")) <= ctunnel.LOG_KEEP
+    assert os.path.getsize(rig.path("pi", "log")) <= statefiles.LOG_KEEP
     assert connect_read(remote) == service.greeting
 
 
@@ -313,7 +314,7 @@ def test_2000_sections_cost_bounded_threads_and_all_are_reported(tmp_path):
         assert "Traceback" not in err
         assert sorted(re.findall(r"(t\d+): start failed", err)) == \
             sorted("t%d" % i for i in range(2000))
-        assert 1 < most[0] <= ctunnel.PARALLEL + 1
+        assert 1 < most[0] <= ladder.PARALLEL + 1
     finally:
         subprocess.run(["rm", "-rf", state])
 
@@ -347,7 +348,7 @@ def test_a_garbled_pidfile_is_treated_as_absent(rig, service, garbage):
 @pytest.mark.parametrize("state", ['{"failures": "x", "restarts": []}', "[1, 2]", "\x00{",
                                    '{"warnings": 5}'])
 def test_a_garbled_state_file_is_treated_as_absent(rig, service, state):
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     os.kill(rig.pid(), signal.SIGKILL)
     wait_for(lambda: not pid_alive(rig.pid()), what="ssh to die")
     with open(rig.path("pi", "state"), "w") as f:

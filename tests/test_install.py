@@ -21,15 +21,14 @@ import time
 
 import pytest
 
-from harness import (ROOT, SshServer, connect_read, end_pids, free_port,
+from harness import (INSTALL, ROOT, SshServer, connect_read, end_pids, free_port,
                       pids_with_arg, wait_for)
 
-INSTALL = os.path.join(ROOT, "install.py")
+from ctunnellib import config
 
 _spec = importlib.util.spec_from_file_location("install", INSTALL)
 install = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(install)
-ctunnel = install.ctunnel
 
 FAKE_CRONTAB = """\
 #!%s
@@ -214,7 +213,7 @@ def test_wizard_from_fresh_box_to_bytes_flowing(box, service):
     key = os.path.join(box.home, ".ssh", "ctunnel_pi_ed25519")
     assert open(key + ".pub").read().split()[1] in box.authorized()
     assert stat.S_IMODE(os.stat(box.config).st_mode) == 0o600
-    (tunnel,) = ctunnel.load_config(box.config)
+    (tunnel,) = config.load_config(box.config)
     assert (tunnel.name, tunnel.identity_file, tunnel.port) == ("pi", key, box.server.port)
     assert connect_read(remote) == service.greeting
 
@@ -276,7 +275,7 @@ def test_non_interactive_second_run_adds_a_tunnel_and_keeps_the_first(box, servi
     text = open(box.config).read()
     assert text.startswith(first_section)             # everything before is kept, as it was
     assert "[cam]\n# ssh server: name, IP or ssh_config alias\nhost = 127.0.0.1\n" in text
-    assert [t.name for t in ctunnel.load_config(box.config)] == ["office", "old", "cam"]
+    assert [t.name for t in config.load_config(box.config)] == ["office", "old", "cam"]
     assert connect_read(remote) == service.greeting
     assert open(box.crontab).read().count("ctunnel.py") == 1
 
@@ -512,7 +511,7 @@ def test_second_tunnel_through_the_wizard_never_replaces_silently(box, service):
     t.expect(r"127-2: started")
     assert t.wait() == 0, t.seen
     assert "crontab" not in t.seen
-    tunnels = ctunnel.load_config(box.config)
+    tunnels = config.load_config(box.config)
     assert [x.name for x in tunnels] == ["127", "127-2"]
     assert tunnels[0].identity_file != tunnels[1].identity_file        # a key each
     assert connect_read(first) == service.greeting

@@ -5,11 +5,12 @@ python3-light does not ship; the tick must still bring the tunnel up.
 """
 
 import ast
+import glob
 import os
 import subprocess
 import sys
 
-from harness import CTUNNEL, connect_read, free_port
+from harness import CTUNNEL, INSTALL, ROOT, connect_read, free_port
 
 # Packages OpenWrt splits out of python3-light (and a few more to be safe).
 ABSENT = ["logging", "unittest", "email", "urllib", "xml", "sqlite3", "multiprocessing",
@@ -57,14 +58,21 @@ def test_tick_status_and_stop_run_without_the_missing_packages(rig, service):
     assert stop.returncode == 0 and "stopped" in stop.stderr
 
 
+def shipped_sources():
+    """Every Python file a box runs: the entry, the wizard, the whole package."""
+    package = glob.glob(os.path.join(ROOT, "ctunnellib", "**", "*.py"), recursive=True)
+    assert len(package) > 10, package
+    return [CTUNNEL, INSTALL] + sorted(package)
+
+
 def test_source_is_python_3_7_syntax():
-    for path in (CTUNNEL, CTUNNEL.replace("ctunnel.py", "install.py")):
+    for path in shipped_sources():
         ast.parse(open(path).read(), filename=path, feature_version=(3, 7))
 
 
 def test_python_3_7_is_enough_for_every_module_and_call():
     """vermin reads which modules, functions and arguments each line needs."""
-    paths = [CTUNNEL, CTUNNEL.replace("ctunnel.py", "install.py")]
+    paths = shipped_sources()
     vermin = [sys.executable, "-c", "import sys, vermin; sys.exit(vermin.main())"]
     result = subprocess.run(vermin + ["--no-tips", "--violations", "-t=3.7-"] + paths,
                             capture_output=True, text=True, timeout=120)
@@ -75,7 +83,7 @@ def test_python_3_7_is_enough_for_every_module_and_call():
 
 
 def test_install_py_starts_without_the_missing_packages():
-    hook = HOOK.replace(repr(CTUNNEL), repr(CTUNNEL.replace("ctunnel.py", "install.py")))
+    hook = HOOK.replace(repr(CTUNNEL), repr(INSTALL))
     result = subprocess.run([sys.executable, "-c", hook, "--yes"], capture_output=True,
                             text=True, stdin=subprocess.DEVNULL, timeout=60)
     assert result.returncode == 2, result.stderr

@@ -17,8 +17,8 @@ import pytest
 
 from harness import (SshServer, Service, ThrowawayUser, connect_read, descendants,
                       free_port, pid_alive, port_accepts, wait_for)
-from test_config import ctunnel
-from test_tick import start_reverse
+
+from ctunnellib import procfs, tcp
 
 
 @pytest.fixture
@@ -43,9 +43,9 @@ def firewall():
 
 def client_port(pid, server_port):
     """The local port of pid's TCP connection to the server."""
-    for sock in ctunnel.TcpTable().sockets(ctunnel.socket_inodes(pid)):
-        if sock.remote_port == server_port and sock.state != ctunnel.TCP_LISTEN:
-            return sock.local_port
+    inodes = procfs.socket_inodes(pid)
+    for sock in tcp.TcpTable().connections(inodes, server_port, tcp.FAMILIES, time.monotonic()):
+        return sock.local_port
     raise AssertionError("pid %d has no connection to port %d" % (pid, server_port))
 
 
@@ -79,7 +79,7 @@ def test_a_stale_session_kept_busy_is_reclaimed_within_one_tick(make_rig, servic
     knocker = None
     try:
         rig = make_rig(server)
-        remote, _ = start_reverse(rig, service, server_alive_interval=1,
+        remote, _ = rig.start_reverse(service, server_alive_interval=1,
                                   server_alive_count_max=2, check_timeout=2)
         old = rig.pid()
         stale = [p for p in descendants(server.proc.pid) if pid_alive(p)]
@@ -111,7 +111,7 @@ def test_a_line_black_holed_for_20s_is_back_one_tick_after_it_returns(make_rig, 
     server = SshServer(str(tmp_path))
     try:
         rig = make_rig(server)
-        remote, _ = start_reverse(rig, service, server_alive_interval=1,
+        remote, _ = rig.start_reverse(service, server_alive_interval=1,
                                   server_alive_count_max=2, check_timeout=2)
         rules = [drop("--dport", str(server.port)), drop("--sport", str(server.port))]
         began = time.monotonic()

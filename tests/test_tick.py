@@ -16,21 +16,12 @@ import time
 
 import pytest
 
-from harness import (CTUNNEL, SshServer, connect_read, descendants, free_port,
+from harness import (CTUNNEL, SshServer, install_copy, connect_read, descendants, free_port,
                       pid_alive, port_accepts, wait_for)
 
 
-def start_reverse(rig, service, **keys):
-    """Write a config with one -R forward to service, run the first tick."""
-    remote = free_port()
-    rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port), **keys)
-    first = rig.run()
-    assert first.returncode == 0, first.stderr
-    return remote, first
-
-
 def test_first_tick_launches_and_bytes_flow_through_the_server(rig, service):
-    remote, first = start_reverse(rig, service)
+    remote, first = rig.start_reverse(service)
     assert "pi: started (pid %d)" % rig.pid() in first.stderr
     assert len(first.stderr.splitlines()) == 1
     assert connect_read(remote) == service.greeting
@@ -38,7 +29,7 @@ def test_first_tick_launches_and_bytes_flow_through_the_server(rig, service):
 
 
 def test_healthy_tick_is_silent_and_keeps_the_pid(rig, service):
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     pid = rig.pid()
     again = rig.run()
     assert (again.returncode, again.stdout, again.stderr) == (0, "", "")
@@ -47,7 +38,7 @@ def test_healthy_tick_is_silent_and_keeps_the_pid(rig, service):
 
 
 def test_killed_ssh_is_relaunched(rig, service):
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     old = rig.pid()
     os.kill(old, signal.SIGKILL)
     wait_for(lambda: not pid_alive(old), what="ssh to die")
@@ -59,7 +50,7 @@ def test_killed_ssh_is_relaunched(rig, service):
 
 
 def test_hung_ssh_is_caught_within_the_timeout_and_replaced(rig, service):
-    remote, _ = start_reverse(rig, service, check_timeout=2)
+    remote, _ = rig.start_reverse(service, check_timeout=2)
     old = rig.pid()
     os.kill(old, signal.SIGSTOP)
     began = time.monotonic()
@@ -75,7 +66,7 @@ def test_hung_ssh_is_caught_within_the_timeout_and_replaced(rig, service):
 
 
 def test_vanished_reverse_listener_is_caught_on_the_server(rig, service, sshd):
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     old = rig.pid()
     spec = "127.0.0.1:%d:127.0.0.1:%d" % (remote, service.port)   # as ctunnel sent it
     subprocess.run(sshd.ssh_argv("-S", rig.path("pi", "ctl"), "-O", "cancel",
@@ -111,7 +102,7 @@ def test_local_forward_to_a_silent_service_counts_as_up(rig, silent_service):
 def test_server_without_nc_is_checked_through_the_data_path(sshd_without_nc, make_rig,
                                                             service):
     rig = make_rig(sshd_without_nc)
-    remote, first = start_reverse(rig, service)
+    remote, first = rig.start_reverse(service)
     assert len(first.stderr.splitlines()) == 1 and "started" in first.stderr
     status = json.loads(rig.run("status", "--json").stdout)["tunnels"][0]
     assert status["checks"][-1]["verdict"] == "UP"
@@ -207,9 +198,7 @@ def test_tick_runs_under_crons_bare_environment(rig, service, tmp_path):
                      ssh="ssh")
     install = tmp_path / "opt"
     install.mkdir()
-    script = install / "ctunnel.py"
-    script.write_bytes(open(CTUNNEL, "rb").read())
-    script.chmod(0o755)
+    script = install_copy(str(install))
     os.rename(rig.conf, str(install / "rstunnel.conf"))
     env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
     tick = subprocess.run([str(script)], env=env, cwd=str(tmp_path), capture_output=True,
@@ -308,7 +297,7 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path, reclaim):
     server = SshServer(str(tmp_path))
     try:
         rig = make_rig(server)
-        remote, _ = start_reverse(rig, service, server_alive_interval=1,
+        remote, _ = rig.start_reverse(service, server_alive_interval=1,
                                   server_alive_count_max=2, check_timeout=2, reclaim=reclaim)
         old = rig.pid()
         sessions = descendants(server.proc.pid)
@@ -351,7 +340,7 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path, reclaim):
 def test_lost_pidfile_is_adopted_not_doubled(rig, service):
     """A running master whose pidfile is gone (a full disk at launch, a cleaner) is
     found by its control socket and adopted: no second ssh fights for the port."""
-    remote, _ = start_reverse(rig, service)
+    remote, _ = rig.start_reverse(service)
     old = rig.pid()
     os.unlink(rig.path("pi", "pid"))
     tick = rig.run("-v")
@@ -420,7 +409,7 @@ def test_server_refusing_command_sessions_is_still_proven(make_rig, service, tmp
     server = SshServer(str(tmp_path), extra=["MaxSessions 0"])
     try:
         rig = make_rig(server)
-        remote, first = start_reverse(rig, service)
+        remote, first = rig.start_reverse(service)
         assert len(first.stderr.splitlines()) == 1
         pid = rig.pid()
         again = rig.run("-v")

@@ -14,7 +14,10 @@ import time
 
 import pytest
 
-from test_config import ctunnel, make_tunnel
+from harness import make_tunnel
+
+from ctunnellib import cli, model, mux, programs, repair, report, tcp, tick
+from ctunnellib.clients import openssh
 
 FAKE_SSH = """#!/bin/sh
 # exits and speaks as told by the files beside it
@@ -68,7 +71,7 @@ def nc_said(words, status):
 ])
 def test_nc_fallback_verdicts(fake_ssh, rc, stdout, stderr, state, detail):
     tunnel = fake_ssh(rc, stdout, stderr)
-    verdict = ctunnel.check_remote_nc(tunnel, tunnel.forwards[0])
+    verdict = openssh.check_remote_nc(tunnel, tunnel.forwards[0])
     assert verdict.state == state
     assert verdict.detail.startswith(detail), verdict.detail
 
@@ -76,7 +79,7 @@ def test_nc_fallback_verdicts(fake_ssh, rc, stdout, stderr, state, detail):
 def test_nc_check_that_hangs_is_down_after_check_timeout(fake_ssh):
     tunnel = fake_ssh(0, sleep=5)
     began = time.monotonic()
-    verdict = ctunnel.check_remote_nc(tunnel, tunnel.forwards[0])
+    verdict = openssh.check_remote_nc(tunnel, tunnel.forwards[0])
     assert (verdict.state, verdict.detail) == ("DOWN",
                                                "nc check hung for 1s: the connection is dead")
     assert time.monotonic() - began < 3
@@ -86,27 +89,27 @@ def test_a_server_that_talks_without_end_is_read_with_a_cap(tmp_path):
     talker = tmp_path / "talker"
     talker.write_text("#!/bin/sh\nhead -c 50000000 /dev/zero\nhead -c 50000000 /dev/zero >&2\n")
     talker.chmod(0o755)
-    status, out, err = ctunnel._run([str(talker)], 30)
+    status, out, err = programs.run([str(talker)], 30)
     assert status == 0
-    assert len(out) == len(err) == ctunnel.OUTPUT_MAX
+    assert len(out) == len(err) == programs.OUTPUT_MAX
 
 
 # --- the control-socket protocol --------------------------------------------
 
 def test_packet_encoding():
-    assert ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4) == bytes.fromhex(
+    assert mux.mux_packet(mux.MUX_MSG_HELLO, 4) == bytes.fromhex(
         "00000008" "00000001" "00000004")
-    assert ctunnel.mux_packet(ctunnel.MUX_C_NEW_STDIO_FWD, 7, "", "127.0.0.1", 1122) == \
+    assert mux.mux_packet(mux.MUX_C_NEW_STDIO_FWD, 7, "", "127.0.0.1", 1122) == \
         bytes.fromhex("0000001d" "10000008" "00000007" "00000000" "00000009") + \
         b"127.0.0.1" + bytes.fromhex("00000462")
 
 
 def test_field_decoding():
     body = bytes.fromhex("00000007" "00000003") + b"abc" + b"extension bytes"
-    assert ctunnel.mux_fields(body, "Is") == [7, "abc"]
+    assert mux.mux_fields(body, "Is") == [7, "abc"]
     for short in (b"", b"\0\0\0", bytes.fromhex("00000007" "00000009") + b"abc"):
-        with pytest.raises(ctunnel.MuxError):
-            ctunnel.mux_fields(short, "Is")
+        with pytest.raises(mux.MuxError):
+            mux.mux_fields(short, "Is")
 
 
 class FakeMaster:
@@ -160,7 +163,7 @@ class FakeMaster:
         self.sock.close()
 
 
-HELLO = ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4)
+HELLO = mux.mux_packet(mux.MUX_MSG_HELLO, 4)
 
 
 @pytest.fixture
@@ -177,20 +180,20 @@ def master(tmp_path):
 
 
 def alive_reply(request_id, pid):
-    return ctunnel.mux_packet(ctunnel.MUX_S_ALIVE, request_id, pid)
+    return mux.mux_packet(mux.MUX_S_ALIVE, request_id, pid)
 
 
 @pytest.mark.parametrize("script,state,detail", [
     ([HELLO, "packet", "packet", alive_reply(1, 4242)], "UP", "pid 4242"),
     ([HELLO, "packet", "packet", alive_reply(2, 4242)], "DOWN",
      "control socket: control master answered request 2, not 1"),
-    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_FAILURE, 1, "no")], "DOWN",
+    ([HELLO, "packet", "packet", mux.mux_packet(mux.MUX_S_FAILURE, 1, "no")], "DOWN",
      "control socket: no"),
-    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_PERMISSION_DENIED, 1, "go away")],
+    ([HELLO, "packet", "packet", mux.mux_packet(mux.MUX_S_PERMISSION_DENIED, 1, "go away")],
      "DOWN", "control socket: go away"),
-    ([HELLO, "packet", "packet", ctunnel.mux_packet(ctunnel.MUX_S_SESSION_OPENED, 1, 3)], "DOWN",
+    ([HELLO, "packet", "packet", mux.mux_packet(mux.MUX_S_SESSION_OPENED, 1, 3)], "DOWN",
      "control socket: control master sent 0x80000006 to an alive check"),
-    ([ctunnel.mux_packet(ctunnel.MUX_S_ALIVE, 1, 2)], "DOWN",
+    ([mux.mux_packet(mux.MUX_S_ALIVE, 1, 2)], "DOWN",
      "control socket: control master sent message 0x80000005 instead of hello"),
     ([b"\xff\xff\xff\xff garbage"], "DOWN",
      "control socket: control master sent a packet of 4294967295 bytes"),
@@ -205,7 +208,7 @@ def test_master_check_reads_every_reply_correctly_and_in_bounded_time(master, sc
                                                                       detail):
     tunnel = master(*script)
     began = time.monotonic()
-    pid, verdict = ctunnel.check_master(tunnel)
+    pid, verdict = openssh.check_master(tunnel)
     assert time.monotonic() - began < 2.5
     assert (verdict.check, verdict.state, verdict.detail) == ("master", state, detail)
     assert pid == (4242 if state == "UP" else None)
@@ -213,20 +216,20 @@ def test_master_check_reads_every_reply_correctly_and_in_bounded_time(master, sc
 
 def test_master_check_wants_the_pidfiles_pid(master):
     tunnel = master(HELLO, "packet", "packet", alive_reply(1, 4242))
-    pid, verdict = ctunnel.check_master(tunnel, expected=4343)
+    pid, verdict = openssh.check_master(tunnel, expected=4343)
     assert pid is None and verdict.detail == \
         "control socket answers for pid 4242, not the pidfile's 4343"
 
 
 def test_no_control_socket(tmp_path):
-    pid, verdict = ctunnel.check_master(make_tunnel(tmp_path))
+    pid, verdict = openssh.check_master(make_tunnel(tmp_path))
     assert verdict.detail == "control socket: No such file or directory"
 
 
 def test_an_older_protocol_falls_back_to_ssh_dash_o_check(tmp_path, fake_ssh):
     tunnel = fake_ssh(0, stderr="Master running (pid=4242)\n")
-    FakeMaster(str(tmp_path / "pi.ctl"), [ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 3)])
-    pid, verdict = ctunnel.check_master(tunnel)
+    FakeMaster(str(tmp_path / "pi.ctl"), [mux.mux_packet(mux.MUX_MSG_HELLO, 3)])
+    pid, verdict = openssh.check_master(tunnel)
     assert (pid, verdict.state) == (4242, "UP")
 
 
@@ -234,18 +237,18 @@ def test_stdio_forward_request_passes_two_descriptors(tmp_path):
     tunnel = make_tunnel(tmp_path)
     fake = FakeMaster(str(tmp_path / "pi.ctl"), [
         HELLO, "packet", "packet", "fd", "fd",
-        ctunnel.mux_packet(ctunnel.MUX_S_SESSION_OPENED, 1, 9)])
+        mux.mux_packet(mux.MUX_S_SESSION_OPENED, 1, 9)])
     try:
-        with ctunnel.MuxClient(ctunnel.state_path(tunnel, "ctl"), time.monotonic() + 2) as mux:
+        with mux.MuxClient(model.state_path(tunnel, "ctl"), time.monotonic() + 2) as client:
             read_end, write_end = os.pipe()
             try:
-                mux.open_stdio("127.0.0.1", 1122, read_end, write_end)
+                client.open_stdio("127.0.0.1", 1122, read_end, write_end)
             finally:
                 os.close(read_end)
                 os.close(write_end)
         fake.thread.join(5)
-        assert fake.received == ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 4)[4:] + \
-            ctunnel.mux_packet(ctunnel.MUX_C_NEW_STDIO_FWD, 1, "", "127.0.0.1", 1122)[4:]
+        assert fake.received == mux.mux_packet(mux.MUX_MSG_HELLO, 4)[4:] + \
+            mux.mux_packet(mux.MUX_C_NEW_STDIO_FWD, 1, "", "127.0.0.1", 1122)[4:]
         assert len(fake.fds) == 2
     finally:
         fake.close()
@@ -253,10 +256,10 @@ def test_stdio_forward_request_passes_two_descriptors(tmp_path):
 
 def test_refused_channel_raises_with_the_masters_reason(master, tmp_path):
     master(HELLO, "packet", "packet", "fd", "fd",
-           ctunnel.mux_packet(ctunnel.MUX_S_FAILURE, 1, "Session open refused by peer"))
-    with ctunnel.MuxClient(str(tmp_path / "pi.ctl"), time.monotonic() + 2) as mux:
-        with pytest.raises(ctunnel.MuxRefused, match="Session open refused by peer"):
-            mux.open_stdio("127.0.0.1", 1122, 0, 1)
+           mux.mux_packet(mux.MUX_S_FAILURE, 1, "Session open refused by peer"))
+    with mux.MuxClient(str(tmp_path / "pi.ctl"), time.monotonic() + 2) as client:
+        with pytest.raises(mux.MuxRefused, match="Session open refused by peer"):
+            client.open_stdio("127.0.0.1", 1122, 0, 1)
 
 
 @pytest.mark.parametrize("said,hint", [
@@ -270,10 +273,10 @@ def test_refused_channel_raises_with_the_masters_reason(master, tmp_path):
 ])
 def test_launch_failures_get_a_hint(tmp_path, said, hint):
     tunnel = make_tunnel(tmp_path, user="pi", port=2222)
-    text = ctunnel.explain_ssh_failure(tunnel, [said], 255)
+    text = openssh.explain_ssh_failure(tunnel, [said], 255)
     assert text.startswith(said)
     assert (hint in text) if hint else text == said
-    assert ctunnel.explain_ssh_failure(tunnel, [], 255) == "ssh exited 255 without a message"
+    assert openssh.explain_ssh_failure(tunnel, [], 255) == "ssh exited 255 without a message"
 
 
 def test_a_changed_host_key_is_its_own_loud_message(tmp_path):
@@ -282,7 +285,7 @@ def test_a_changed_host_key_is_its_own_loud_message(tmp_path):
              "@    WARNING: REMOTE HOST IDENTIFICATION HAS CHANGED!     @",
              "Host key for [vps]:2222 has changed and you have requested strict checking.",
              "Host key verification failed."]
-    text = ctunnel.explain_ssh_failure(tunnel, lines, 255)
+    text = openssh.explain_ssh_failure(tunnel, lines, 255)
     assert "host key has CHANGED" in text and "may be an attack" in text
     assert "ssh-keygen -R '[vps]:2222'" in text
     assert "accept it by logging in" not in text
@@ -294,13 +297,13 @@ def test_key_passphrase_is_read_from_the_key_file(tmp_path, passphrase, expected
     key = str(tmp_path / "k")
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", passphrase, "-f", key],
                    check=True)
-    assert ctunnel.key_has_passphrase(key) is expected
-    assert ctunnel.key_has_passphrase(str(tmp_path / "missing")) is False
+    assert openssh.key_has_passphrase(key) is expected
+    assert openssh.key_has_passphrase(str(tmp_path / "missing")) is False
 
 
 def test_a_program_that_is_not_ssh_is_named(tmp_path):
     tunnel = make_tunnel(tmp_path, ssh="/bin/ls")
-    text = ctunnel.explain_ssh_failure(tunnel, ["/bin/ls: invalid option -- 'f'",
+    text = openssh.explain_ssh_failure(tunnel, ["/bin/ls: invalid option -- 'f'",
                                                 "Try '/bin/ls --help' for more information."], 2)
     assert text.startswith("/bin/ls is not OpenSSH's ssh client (it exited 2: Try")
 
@@ -308,9 +311,9 @@ def test_a_program_that_is_not_ssh_is_named(tmp_path):
 def test_a_tick_that_cannot_use_its_state_dir_says_so_in_one_line(tmp_path, capsys):
     (tmp_path / "file").write_text("")      # after loading, a file took the parent's name
     gone = make_tunnel(tmp_path / "file" / "state")
-    reporter = ctunnel.Reporter(stream=sys.stderr, syslog_path=str(tmp_path / "nolog"))
-    args = ctunnel.parse_args([])
-    assert ctunnel.cmd_check([gone], args, reporter) == 1
+    reporter = report.Reporter(stream=sys.stderr, syslog_path=str(tmp_path / "nolog"))
+    args = cli.parse_args([])
+    assert tick.cmd_check([gone], args, reporter) == 1
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "pi: [Errno 20] Not a directory" in err[0]
 
@@ -319,12 +322,12 @@ def test_an_older_protocol_checks_a_reverse_forward_with_nc_over_the_master(tmp_
     """A master that does not speak version 4 cannot open our channel: nc is
     asked over the same master (the fake ssh stands for it), never a new connection."""
     tunnel = fake_ssh(0, stdout=nc_said("", 0))
-    FakeMaster(str(tmp_path / "pi.ctl"), [ctunnel.mux_packet(ctunnel.MUX_MSG_HELLO, 3)])
-    verdict = ctunnel.check_remote_forward(tunnel, tunnel.forwards[0], 4242, ctunnel.TcpTable())
+    FakeMaster(str(tmp_path / "pi.ctl"), [mux.mux_packet(mux.MUX_MSG_HELLO, 3)])
+    verdict = openssh.check_remote_forward(tunnel, tunnel.forwards[0], 4242, tcp.TcpTable())
     assert verdict.state == "UP"
     assert verdict.detail == ("listening on the server (nc), since the control master speaks "
                               "mux protocol 3, which cannot open a channel")
-    assert "ProxyCommand=false" in ctunnel.build_mux_argv(tunnel, "x")
+    assert "ProxyCommand=false" in openssh.build_mux_argv(tunnel, "x")
 
 
 TCP_TABLE = (b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  "
@@ -335,13 +338,12 @@ TCP_TABLE = (b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->whe
              b"        0 12345 1 0000000000000000 20 4 30 10 -1\n")
 
 
-def test_tcp_table_lines_are_found_by_inode_and_decoded():
-    listener = ctunnel._find_inode(TCP_TABLE, 1234)
-    assert listener == ctunnel.TcpSocket(1234, "127.0.0.1", 1122, "0.0.0.0", 0, ctunnel.TCP_LISTEN)
-    conn = ctunnel._find_inode(TCP_TABLE, 12345)
-    assert (conn.remote_addr, conn.remote_port, conn.state) == ("127.0.0.1", 22, 1)
-    assert ctunnel._find_inode(TCP_TABLE, 0) is None          # "0" is in other fields
-    assert ctunnel._find_inode(TCP_TABLE, 999) is None
+@pytest.mark.skipif(sys.byteorder != "little", reason="the table is in the host's byte order")
+def test_tcp_table_lines_are_decoded():
+    listener, conn = map(tcp.proc_socket, TCP_TABLE.splitlines()[1:])
+    assert listener == tcp.TcpSocket(1234, "127.0.0.1", 1122, "0.0.0.0", 0, tcp.TCP_LISTEN)
+    assert (conn.inode, conn.remote_addr, conn.remote_port, conn.state) == \
+        (12345, "127.0.0.1", 22, tcp.TCP_ESTABLISHED)
 
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="the table is in the host's byte order")
@@ -352,24 +354,60 @@ def test_tcp_table_lines_are_found_by_inode_and_decoded():
     (b"B80D0120000000000000000001000000", "2001:db8::1"),
 ])
 def test_proc_addresses(text, address):
-    assert ctunnel._proc_address(text) == address
+    assert tcp.proc_address(text) == address
 
 
-def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch):
-    table = ctunnel.TcpTable()
+@pytest.mark.parametrize("source", ["netlink", "proc"])
+def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch, source):
     reads = []
-    real_open = open
-
-    def counting_open(path, *a, **k):
-        reads.append(path)
-        return real_open(path, *a, **k)
-    monkeypatch.setattr("builtins.open", counting_open)
+    for name in ("diag_dump", "proc_sockets"):
+        real = getattr(tcp, name)
+        monkeypatch.setattr(tcp, name, lambda *a, real=real: reads.append(a) or real(*a))
+    table = tcp.TcpTable()
+    table.netlink = source == "netlink"
+    v4 = tcp.families_of("127.0.0.1")
     seen = time.monotonic()
-    table.sockets({1}, seen)
-    table.sockets({2}, seen)                 # saw its socket before that read began
-    assert reads.count("/proc/net/tcp") == 1
-    table.sockets({3}, time.monotonic())     # saw it after: needs a new read
-    assert reads.count("/proc/net/tcp") == 2
+    table.connections({1}, 22, v4, seen)
+    table.connections({2}, 22, v4, seen)     # saw its socket before that read began
+    assert len(reads) == 1
+    table.connections({3}, 22, v4, time.monotonic())     # saw it after: needs a new read
+    assert len(reads) == 2
+    table.connections({4}, 80, v4, seen)     # a port the last read did not ask for
+    assert len(reads) == 3 and reads[-1][2] == frozenset((22, 80))
+
+
+@pytest.fixture
+def sockets():
+    """A listener on 127.0.0.1 and ::1, and a connection to each: (port, their inodes)."""
+    made = []
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    server6 = socket.socket(socket.AF_INET6)
+    server6.bind(("::1", port))
+    for listener, address in ((server, "127.0.0.1"), (server6, "::1")):
+        listener.listen(4)
+        made += [listener, socket.create_connection((address, port))]
+    yield port, {os.fstat(s.fileno()).st_ino: s for s in made}
+    for s in made:
+        s.close()
+
+
+def test_the_kernel_filters_by_port_and_netlink_and_proc_agree(sockets):
+    """The bytecode port filter is accepted by this kernel and picks exactly the port."""
+    port, inodes = sockets
+    for family in tcp.FAMILIES:
+        for states, local in ((1 << tcp.TCP_LISTEN, True), (tcp.CONNECTING_OR_CONNECTED, False)):
+            for ports in ((port,), (1, port, 65535), (1, 65535)):
+                netlink = tcp.diag_dump(family, states, ports, local)
+                assert sorted(netlink) == sorted(tcp.proc_sockets(family, states, ports, local))
+                assert {s.inode for s in netlink} & set(inodes) == \
+                    ({s.inode for s in netlink} if port in ports else set())
+                assert len(netlink) == (port in ports)      # ours: one of each family
+    table = tcp.TcpTable()
+    assert len(table.listeners(port)) == 2
+    found = table.connections(set(inodes), port, tcp.FAMILIES, time.monotonic())
+    assert {(s.local_addr, s.remote_port) for s in found} == {("127.0.0.1", port), ("::1", port)}
 
 
 @pytest.mark.parametrize("rc,stderr,sleep,why", [
@@ -385,12 +423,12 @@ def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch):
 def test_a_refused_remote_port_is_classified(fake_ssh, rc, stderr, sleep, why):
     tunnel = fake_ssh(rc, stderr=stderr, sleep=sleep)
     said = "Error: remote port forwarding failed for listen port 1122"
-    reclaimed, text = ctunnel.explain_held_port(tunnel, said)
+    reclaimed, text = repair.explain_held_port(tunnel, said)
     assert reclaimed is None
     assert text.startswith("%s (%s" % (said, why)), text
 
 
 def test_other_failures_are_not_taken_for_a_held_port(fake_ssh):
     tunnel = fake_ssh(0)
-    assert ctunnel.explain_held_port(tunnel, "Permission denied") == (None, "Permission denied")
-    assert ctunnel.explain_held_port(tunnel, None) == (None, None)
+    assert repair.explain_held_port(tunnel, "Permission denied") == (None, "Permission denied")
+    assert repair.explain_held_port(tunnel, None) == (None, None)

@@ -1,0 +1,95 @@
+"""The check ladder: the tunnel's process, its link, then each forward, cheapest first.
+
+Each check returns a verdict and prints nothing. The first DOWN ends the
+ladder: the caller (tick.py) repairs the tunnel. A healthy ladder runs no
+program and writes nothing.
+"""
+
+from .clients import client_of, find_tunnel_processes, is_tunnel_process
+from .model import DOWN, GONE, NOT_OURS, NOT_RUNNING, PROCESS, UP, Verdict
+from .procfs import process_alive
+from .statefiles import read_pidfile, write_pidfile
+from .tcp import TcpTable
+
+
+PARALLEL = 32               # tunnels checked at once (a thread each)
+
+
+def check_process(tunnel, adopt=False):
+    """Is the pidfile's PID alive and this tunnel's client? Return (pid, Verdict).
+
+    adopt: with no usable pidfile, look for this tunnel's client by its token
+    (a launch whose pidfile could not be written: a full disk) and record
+    it, rather than start a second one.
+    """
+    pid = read_pidfile(tunnel)
+    if pid is None:
+        found = find_tunnel_processes(tunnel) if adopt else []
+        if len(found) != 1:
+            return None, Verdict("process", DOWN, "not running", PROCESS, NOT_RUNNING)
+        try:
+            write_pidfile(tunnel, found[0])
+        except OSError:
+            pass                    # still full: adopted again next tick
+        return found[0], Verdict("process", UP, "pid %d, adopted (it had no pidfile)"
+                                 % found[0], PROCESS)
+    if not process_alive(pid):
+        return None, Verdict("process", DOWN, "process %d gone" % pid, PROCESS, GONE)
+    if not is_tunnel_process(pid, tunnel):
+        return None, Verdict("process", DOWN, "pidfile names PID %d, which is not this "
+                             "tunnel's ssh" % pid, PROCESS, NOT_OURS)
+    return pid, Verdict("process", UP, "pid %d" % pid, PROCESS)
+
+
+def run_ladder(tunnel, launched=None, table=None, adopt=False):
+    """Run the checks cheapest first; stop at the first DOWN.
+
+    Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
+    launched: the PID of a client just launched; the ladder then starts at
+    its link. table: the tick's TcpTable, shared by every tunnel of the tick.
+    """
+    table = table or TcpTable()
+    client = client_of(tunnel)
+    verdicts, expected = [], launched
+    if not launched:
+        expected, verdict = check_process(tunnel, adopt)
+        verdicts.append(verdict)
+        if expected is None:
+            return verdicts
+    pid, verdict = client.check_link(tunnel, expected, table)
+    verdicts.append(verdict)
+    if pid is None:
+        return verdicts
+    for forward in sorted(tunnel.forwards, key=lambda f: f.kind):    # -L first
+        check = client.check_local if forward.kind == "L" else client.check_remote
+        verdicts.append(check(tunnel, forward, pid, table))
+        if verdicts[-1].state == DOWN:
+            break
+    return verdicts
+
+
+def for_each(items, work):
+    """Return [work(item) for item in items], at most PARALLEL at a time.
+
+    Tunnels are checked side by side so that one silent server cannot hold
+    up the rest; one tunnel needs no thread at all.
+    """
+    if len(items) < 2:
+        return [work(item) for item in items]
+    import threading
+    results, queue = [None] * len(items), list(enumerate(items))
+    lock = threading.Lock()
+
+    def worker():
+        while True:
+            with lock:
+                if not queue:
+                    return
+                index, item = queue.pop()
+            results[index] = work(item)
+    threads = [threading.Thread(target=worker) for _ in range(min(PARALLEL, len(items)))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results

@@ -1,0 +1,123 @@
+"""The words every module shares: errors, verdicts, forwards, events, exit codes.
+
+Pure data and small pure helpers; no I/O. Control flow compares the named
+constants here, never the words shown to the user.
+"""
+
+import os
+from collections import namedtuple
+
+
+# ---------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------
+
+class CtunnelError(Exception):
+    """Base of every error ctunnel reports as one line."""
+
+
+class ConfigError(CtunnelError):
+    """The config file is missing, malformed or names something impossible."""
+
+
+class UsageError(CtunnelError):
+    """The command line asks for something that does not exist."""
+
+
+# ---------------------------------------------------------------------------
+# Verdicts
+# ---------------------------------------------------------------------------
+
+# What a check concludes. Only DOWN restarts the tunnel. TARGET_DOWN: the
+# tunnel works but the service behind a forward refuses or does not answer.
+UP, DOWN, UNKNOWN, TARGET_DOWN = "UP", "DOWN", "UNKNOWN", "TARGET_DOWN"
+
+# Which rung of the ladder a verdict is from.
+PROCESS, LINK, FORWARD = "process", "link", "forward"
+
+# Why a process check is DOWN, where the tick acts on the difference.
+NOT_RUNNING = "not running"     # no pidfile and no process of the tunnel: a first start
+GONE = "gone"                   # the recorded process died: its last words are news
+NOT_OURS = "not ours"           # the pidfile names a process that is not this tunnel's
+
+# check: the name the user sees ("process", "master", "remote forward 1122");
+# kind: PROCESS, LINK or FORWARD; cause: one of the causes above, or None.
+Verdict = namedtuple("Verdict", "check state detail kind cause", defaults=(FORWARD, None))
+
+
+def first_down(verdicts):
+    """The first DOWN verdict of a ladder, or None."""
+    return next((v for v in verdicts if v.state == DOWN), None)
+
+
+# What a probe of a port on the server found (Probe.answer), see Client.probe_port.
+LISTENS, NOTHING_LISTENS, CANNOT_TELL = "listens", "nothing listens", "cannot tell"
+Probe = namedtuple("Probe", "answer detail", defaults=("",))
+
+
+# ---------------------------------------------------------------------------
+# Forwards
+# ---------------------------------------------------------------------------
+
+DEFAULT_BIND = "127.0.0.1"      # a forward without a bind address listens here
+_WILDCARD_BINDS = ("", "*", "0.0.0.0", "localhost")
+
+# kind: "R" (remote, -R) or "L" (local, -L); spec: as the config wrote it
+Forward = namedtuple("Forward", "kind bind port host hostport spec")
+
+
+def forward_arg(forward):
+    """Return the -L/-R argument, always with a bind address.
+
+    Without one, ssh asks for "localhost": the listener may then end up on
+    only one of 127.0.0.1 and ::1 (the other held by another program) and the
+    forward still "succeeds". Naming 127.0.0.1 makes ssh bind exactly that,
+    and ExitOnForwardFailure fire when it is taken.
+    """
+    return "%s:%d:%s:%d" % (forward.bind or DEFAULT_BIND, forward.port, forward.host,
+                            forward.hostport)
+
+
+def check_address(forward):
+    """Return the address a check connects to for this forward's listener."""
+    bind = forward.bind.strip("[]")
+    if bind in _WILDCARD_BINDS:
+        return "127.0.0.1"
+    if bind == "::":
+        return "::1"
+    return bind
+
+
+def state_path(tunnel, suffix):
+    """Return the path of one of the tunnel's files: pid, ctl, lock, state, log."""
+    return os.path.join(tunnel.state_dir, "%s.%s" % (tunnel.name, suffix))
+
+
+def expand_home(path):
+    """Expand ~ as ssh does: from the password database, not $HOME.
+
+    OpenWrt boots with HOME=/: a tick from boot and one from cron must find
+    the same key and the same state.
+    """
+    if path == "~" or path.startswith("~/"):
+        import pwd
+        try:
+            return pwd.getpwuid(os.geteuid()).pw_dir + path[1:]
+        except KeyError:        # a uid with no passwd entry (some containers)
+            pass
+    return os.path.expanduser(path)
+
+
+# ---------------------------------------------------------------------------
+# Events, outcomes, exit status
+# ---------------------------------------------------------------------------
+
+# syslog severities (RFC 5424); events at LOG_INFO go to stderr only with -v
+LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
+
+# stderr: also print it (cron mails what a job prints); syslog always gets it
+Event = namedtuple("Event", "level text stderr", defaults=(True,))
+# one tunnel's tick: healthy at its end?, its events, the verdicts it reached
+Outcome = namedtuple("Outcome", "name healthy events verdicts")
+
+EXIT_OK, EXIT_DOWN, EXIT_USAGE = 0, 1, 2

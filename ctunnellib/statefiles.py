@@ -1,0 +1,210 @@
+"""Files under state_dir: trust, pidfiles, the state record, the lock, ssh's log.
+
+state_dir is ours alone: owned by us, 0700. Nothing in it is opened through
+a symbolic link, and every file is replaced through a temp file of
+unpredictable name, so that nobody can make a tick write elsewhere.
+"""
+
+import errno
+import fcntl
+import os
+import time
+
+from .model import LOG_WARNING, Event, state_path
+
+STATE_MAX = 65536           # bytes read of a state file at most
+LOG_MAX = 1 << 20           # NAME.log is cut back to LOG_KEEP bytes past this size
+LOG_KEEP = 65536
+
+# the state record's keys and their types: a garbled or hand-edited file
+# loses what has the wrong type, never the tick
+STATE_TYPES = {"restarts": int, "failures": int, "last_restart": int, "failure_said": int,
+               "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict}
+
+
+def untrusted(st):
+    """Why a file or folder with this stat may not be trusted (a % template), or None."""
+    if st.st_uid not in (os.geteuid(), 0):
+        return "owned by uid %d, not by this user or root (chown %d %%(path)s)" \
+            % (st.st_uid, os.geteuid())
+    if st.st_mode & 0o022:
+        return "group or others may write it (chmod go-w %(path)s)"
+    return None
+
+
+def make_state_dir(tunnel):
+    """Create state_dir (0700) if need be, and refuse one that others control."""
+    os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
+    problem = untrusted(os.stat(tunnel.state_dir))
+    if problem:
+        raise OSError(errno.EPERM, "state_dir %s" % problem % {"path": tunnel.state_dir})
+
+
+def read_state_file(path, limit, start=None):
+    """Read at most limit bytes of a file in state_dir: never through a symlink.
+
+    start: read from there; negative counts from the end (a log's last words).
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        if start is not None:
+            os.lseek(fd, start, os.SEEK_END if start < 0 else os.SEEK_SET)
+        return os.read(fd, limit)
+    except OSError as e:
+        if e.errno == errno.EINVAL:         # seeking before the start of a short file
+            os.lseek(fd, 0, os.SEEK_SET)
+            return os.read(fd, limit)
+        raise
+    finally:
+        os.close(fd)
+
+
+def write_atomic(path, text):
+    """Replace path with text: a temp file of unpredictable name, mode 0600.
+
+    Nothing is left behind when the write fails (a full disk).
+    """
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
+                               dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+# ---------------------------------------------------------------------------
+# The pidfile and the state record
+# ---------------------------------------------------------------------------
+
+def read_pidfile(tunnel):
+    """Return the PID in the tunnel's pidfile, or None (also for a garbled one)."""
+    try:
+        text = read_state_file(state_path(tunnel, "pid"), 32).strip()
+    except OSError:
+        return None
+    ok = 0 < len(text) <= 10 and all(48 <= c <= 57 for c in text) and 0 < int(text) < 1 << 31
+    return int(text) if ok else None
+
+
+def write_pidfile(tunnel, pid):
+    write_atomic(state_path(tunnel, "pid"), "%d\n" % pid)
+
+
+def read_state_text(tunnel):
+    """Return the raw text of the tunnel's state file ("" if none)."""
+    try:
+        return read_state_file(state_path(tunnel, "state"), STATE_MAX).decode("utf-8",
+                                                                              "replace")
+    except OSError:
+        return ""
+
+
+def read_state(tunnel):
+    """Return the tunnel's small state record (restarts, reasons), or {}."""
+    import json
+    try:
+        state = json.loads(read_state_text(tunnel) or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(state, dict):
+        return {}
+    return {k: v for k, v in state.items() if k in STATE_TYPES and
+            isinstance(v, STATE_TYPES[k]) and not isinstance(v, bool)}
+
+
+def write_state(tunnel, state):
+    import json
+    write_atomic(state_path(tunnel, "state"), json.dumps(state, sort_keys=True) + "\n")
+
+
+# ---------------------------------------------------------------------------
+# The lock
+# ---------------------------------------------------------------------------
+
+class TunnelLock:
+    """An flock on NAME.lock, held for the whole tick of one tunnel."""
+
+    def __init__(self, tunnel):
+        self.path = state_path(tunnel, "lock")
+        self.fd = None
+
+    def acquire(self, wait=0.0):
+        """Take the lock; return False if another tick holds it after wait s."""
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except OSError as e:
+                if e.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+            if time.monotonic() >= deadline:
+                self.release()
+                return False
+            time.sleep(0.1)
+
+    def release(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
+# ---------------------------------------------------------------------------
+# NAME.log: what ssh said
+# ---------------------------------------------------------------------------
+
+def log_size(tunnel):
+    try:
+        return os.stat(state_path(tunnel, "log")).st_size
+    except OSError:
+        return 0
+
+
+def log_since(tunnel, offset, limit=8192):
+    """Return what ssh wrote to NAME.log since offset (at most limit bytes)."""
+    try:
+        return read_state_file(state_path(tunnel, "log"), limit, offset).decode("utf-8",
+                                                                              "replace")
+    except OSError:
+        return ""
+
+
+def trim_log(tunnel, keep=LOG_KEEP):
+    """Cut NAME.log to its last keep bytes; return its size after.
+
+    ssh appends to it (O_APPEND), so it goes on writing at the new end.
+    """
+    path = state_path(tunnel, "log")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        if size > keep:
+            os.lseek(fd, size - keep, os.SEEK_SET)
+            tail = os.read(fd, keep)
+            tail = tail[tail.find(b"\n") + 1:]      # whole lines only
+            os.ftruncate(fd, 0)
+            os.write(fd, tail)
+            size = len(tail)
+        return size
+    finally:
+        os.close(fd)
+
+
+def save_state(tunnel, state, events):
+    """Write the state record; a full disk costs a line (added to events), not the tick."""
+    try:
+        write_state(tunnel, state)
+    except OSError as e:
+        events.append(Event(LOG_WARNING, "%s: cannot write %s: %s"
+                            % (tunnel.name, state_path(tunnel, "state"), e.strerror or e)))

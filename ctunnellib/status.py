@@ -1,0 +1,118 @@
+"""The commands that look and stop: status (text or JSON), stop, and -n (dry run).
+
+status and -n change nothing; stop ends the tunnels' clients (verified PIDs
+only) and records that it was on purpose.
+"""
+
+import time
+
+from .clients import client_of
+from .ladder import for_each, run_ladder
+from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_NOTICE, NOT_RUNNING, UP, first_down)
+from .procfs import process_uptime
+from .report import printable
+from .statefiles import TunnelLock, make_state_dir, read_pidfile, read_state, write_state
+from .tcp import TcpTable
+
+STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
+
+
+def describe_tunnel(tunnel, table=None):
+    """Return the status record of one tunnel, changing nothing."""
+    verdicts = run_ladder(tunnel, table=table)
+    state = read_state(tunnel)
+    pid = read_pidfile(tunnel) if verdicts[0].state == UP else None
+    if verdicts[0].cause == NOT_RUNNING and state.get("stopped"):
+        verdicts[0] = verdicts[0]._replace(detail="stopped by `ctunnel.py stop` at %s; the "
+                                           "next tick starts it again" % _when(state["stopped"]))
+    return {
+        "name": tunnel.name,
+        "state_dir": tunnel.state_dir,
+        "healthy": first_down(verdicts) is None,
+        "pid": pid,
+        "uptime": process_uptime(pid) if pid else None,
+        "host": tunnel.host,
+        "forwards": ["-%s %s" % (f.kind, f.spec) for f in tunnel.forwards],
+        "checks": [{"check": v.check, "verdict": v.state, "detail": v.detail}
+                   for v in verdicts],
+        "restarts": state.get("restarts", 0),
+        "last_restart": state.get("last_restart"),
+        "last_reason": state.get("last_reason"),
+        "last_failure": state.get("last_failure"),
+    }
+
+
+def cmd_status(tunnels, args, out):
+    table = TcpTable()
+    records = for_each(tunnels, lambda t: describe_tunnel(t, table))
+    if args.json:
+        import json
+        out.write(json.dumps({"config": args.config_path, "tunnels": records}, indent=2) + "\n")
+    else:
+        out.write(printable("config %s" % args.config_path) + "\n")
+        for r in records:
+            out.write("\n".join(map(printable, _format_status(r).splitlines())) + "\n")
+    return EXIT_OK if all(r["healthy"] for r in records) else EXIT_DOWN
+
+
+def _format_status(r):
+    head = "%s: %s" % (r["name"], "healthy" if r["healthy"] else "DOWN")
+    if r["pid"]:
+        head += ", pid %d" % r["pid"]
+        if r["uptime"] is not None:
+            head += ", up %s" % _format_duration(r["uptime"])
+    lines = [head, "  host %s  %s" % (r["host"], "  ".join(r["forwards"])),
+             "  state_dir %s" % r["state_dir"]]
+    lines += ["  %-20s %-11s %s" % (c["check"], c["verdict"], c["detail"]) for c in r["checks"]]
+    if r["last_restart"]:
+        first = r["last_reason"] == NOT_RUNNING
+        lines.append("  %s %s%s%s" % (
+            "started" if first else "last restart", _when(r["last_restart"]),
+            "" if first else ": %s" % r["last_reason"],
+            ", failed: %s" % r["last_failure"] if r["last_failure"] else ""))
+    return "\n".join(lines) + "\n"
+
+
+def _when(timestamp):
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(timestamp))
+
+
+def _format_duration(seconds):
+    days, rest = divmod(int(seconds), 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if days:
+        return "%dd%02dh" % (days, hours)
+    if hours:
+        return "%dh%02dm" % (hours, minutes)
+    return "%dm%02ds" % (minutes, seconds)
+
+
+def cmd_stop(tunnels, args, reporter):
+    from .repair import stop_tunnel
+    status = EXIT_OK
+    for t in tunnels:
+        make_state_dir(t)
+        lock = TunnelLock(t)
+        if not lock.acquire(wait=STOP_LOCK_WAIT):
+            reporter.event(LOG_ERR, "%s: not stopped: another tick still holds %s"
+                           % (t.name, lock.path))
+            status = EXIT_DOWN
+            continue
+        try:
+            stopped = stop_tunnel(t)
+            state = read_state(t)
+            state["stopped"] = int(time.time())      # for status: stopped on purpose
+            write_state(t, state)
+        finally:
+            lock.release()
+        if stopped:
+            reporter.event(LOG_NOTICE, "%s: stopped (pid %s)"
+                           % (t.name, ", ".join(map(str, stopped))))
+    return status
+
+
+def cmd_dry_run(tunnels, out):
+    for t in tunnels:
+        client_of(t).dry_run(t, out)
+    return EXIT_OK

@@ -1,0 +1,211 @@
+"""The kernel's TCP sockets: which connections and listeners exist, and whose they are.
+
+A check asks for a few sockets, never for all of them: the kernel's socket
+diagnostics (netlink sock_diag, what `ss` uses) filter by state and port
+inside the kernel, so a tick's cost does not grow with the box's sockets.
+Where the kernel has no inet_diag (a small OpenWrt build), /proc/net/tcp and
+tcp6 are read instead, and one read is shared by every check that waits.
+"""
+
+import _socket       # the C module: socket.py spends milliseconds building enums at import
+import struct
+import sys
+import time
+from collections import namedtuple
+
+TcpSocket = namedtuple("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
+
+# TCP states, as the kernel numbers them
+TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
+CONNECTING_OR_CONNECTED = (1 << TCP_ESTABLISHED) | (1 << TCP_SYN_SENT)
+FAMILIES = (_socket.AF_INET, _socket.AF_INET6)
+TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
+
+# netlink sock_diag (linux/sock_diag.h, linux/inet_diag.h)
+NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
+NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
+INET_DIAG_REQ_BYTECODE = 1
+BC_JMP, BC_S_GE, BC_S_LE, BC_D_GE, BC_D_LE = 1, 2, 3, 4, 5
+IPPROTO_TCP = 6
+DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")     # struct inet_diag_msg, 72 bytes
+NLMSG_HEADER = struct.Struct("=IHHII")
+
+
+def families_of(host):
+    """The address families a connection to host may use (both for a name)."""
+    host = host.strip("[]")
+    for family in FAMILIES:
+        try:
+            _socket.inet_pton(family, host)
+            return (family,)
+        except OSError:
+            pass
+    return FAMILIES
+
+
+class TcpTable:
+    """The TCP sockets one tick asks about; a tick makes one and its checks share it.
+
+    A check that saw a new socket in its ssh asks for a read that began after
+    that moment (since); checks that wait together share one read.
+    """
+
+    def __init__(self):
+        self.lock = _thread_lock()
+        self.ports = set()      # remote ports asked for so far: one filter serves them all
+        self.reads = {}         # family -> (when the read began, its ports, {inode: TcpSocket})
+        self.netlink = True     # until the kernel says it has no inet_diag
+
+    def connections(self, inodes, port, families, since):
+        """Return the connections among inodes whose remote port is port.
+
+        families: see families_of. Only from a read that began after since.
+        """
+        found = []
+        with self.lock:
+            self.ports.add(port)
+            for family in families:
+                began, ports, sockets = self.reads.get(family, (-1.0, (), {}))
+                if began < since or port not in ports:
+                    began, ports = time.monotonic(), frozenset(self.ports)
+                    sockets = {s.inode: s for s in self._read(
+                        family, CONNECTING_OR_CONNECTED, ports, local=False)}
+                    self.reads[family] = (began, ports, sockets)
+                found += [sockets[i] for i in inodes if i in sockets]
+        return found
+
+    def listeners(self, port):
+        """Return every socket listening on local port port (any address, any owner)."""
+        with self.lock:
+            return [s for family in FAMILIES
+                    for s in self._read(family, 1 << TCP_LISTEN, (port,), local=True)]
+
+    def _read(self, family, states, ports, local):
+        if self.netlink:
+            try:
+                return diag_dump(family, states, ports, local)
+            except OSError:
+                self.netlink = False        # no inet_diag here: /proc from now on
+        return proc_sockets(family, states, ports, local)
+
+
+def _thread_lock():
+    import _thread
+    return _thread.allocate_lock()
+
+
+# ---------------------------------------------------------------------------
+# netlink sock_diag
+# ---------------------------------------------------------------------------
+
+def diag_dump(family, states, ports, local):
+    """Ask the kernel for the TCP sockets of family in states whose port is in ports.
+
+    local: compare the local (source) port, else the remote one. The port
+    filter runs in the kernel (inet_diag bytecode). Raises OSError when the
+    kernel cannot answer.
+    """
+    code = port_filter(ports, local)
+    request = struct.pack("=BBBxI48x", family, IPPROTO_TCP, 0, states)
+    if code:
+        request += struct.pack("=HH", 4 + len(code), INET_DIAG_REQ_BYTECODE) + code
+    header = NLMSG_HEADER.pack(16 + len(request), SOCK_DIAG_BY_FAMILY,
+                               NLM_F_REQUEST | NLM_F_DUMP, 1, 0)
+    sock = _socket.socket(_socket.AF_NETLINK, _socket.SOCK_DGRAM, NETLINK_SOCK_DIAG)
+    try:
+        sock.settimeout(2.0)
+        sock.send(header + request)
+        found = []
+        while True:
+            data = sock.recv(65536)
+            at = 0
+            while at + 16 <= len(data):
+                size, kind = NLMSG_HEADER.unpack_from(data, at)[:2]
+                if kind == NLMSG_DONE:
+                    return found
+                if kind == NLMSG_ERROR:
+                    error = -struct.unpack_from("=i", data, at + 16)[0]
+                    raise OSError(error, "sock_diag: error %d" % error)
+                found.append(_diag_socket(data, at + 16))
+                at += (size + 3) & ~3
+            if not data:
+                raise OSError("sock_diag: no answer")
+    finally:
+        sock.close()
+
+
+def _diag_socket(data, at):
+    (family, state, _, _, sport, dport, src, dst,
+     _, _, _, _, _, _, inode) = DIAG_MSG.unpack_from(data, at)
+    size = 4 if family == _socket.AF_INET else 16
+    return TcpSocket(inode, _address(src[:size]), int.from_bytes(sport, "big"),
+                     _address(dst[:size]), int.from_bytes(dport, "big"), state)
+
+
+def port_filter(ports, local):
+    """inet_diag bytecode that accepts a socket whose port is any of ports.
+
+    Each port is "port >= P and port <= P"; a failed test jumps to the next
+    port's test, the last one's to "reject" (past the end). The JMP between
+    them is never taken "yes" at run time, but puts every test on the chain of
+    "yes" jumps that the kernel's audit of the bytecode walks (as ss does).
+    """
+    ge, le = (BC_S_GE, BC_S_LE) if local else (BC_D_GE, BC_D_LE)
+    ports = sorted(ports)
+    total = 20 * len(ports) - 4 if ports else 0
+    code = b""
+    for i, port in enumerate(ports):
+        left = total - 20 * i                       # bytes from this test to the end
+        if i < len(ports) - 1:
+            code += struct.pack("=BBHBBHBBHBBHBBH", ge, 8, 20, 0, 0, port,
+                                le, 8, 12, 0, 0, port, BC_JMP, 4, left - 16)
+        else:
+            code += struct.pack("=BBHBBHBBHBBH", ge, 8, 20, 0, 0, port, le, 8, 12, 0, 0, port)
+    return code
+
+
+def _address(raw):
+    """Packed address bytes as text; an IPv4 client of a dual-stack socket as IPv4."""
+    if len(raw) == 16 and raw[:12] == b"\0" * 10 + b"\xff\xff":
+        raw = raw[12:]
+    return _socket.inet_ntop(_socket.AF_INET if len(raw) == 4 else _socket.AF_INET6, raw)
+
+
+# ---------------------------------------------------------------------------
+# /proc/net/tcp, where the kernel has no inet_diag
+# ---------------------------------------------------------------------------
+
+PROC_FILES = {_socket.AF_INET: "/proc/net/tcp", _socket.AF_INET6: "/proc/net/tcp6"}
+
+
+def proc_sockets(family, states, ports, local):
+    """The same answer as diag_dump, from /proc/net/tcp (or tcp6)."""
+    try:
+        with open(PROC_FILES[family], "rb") as f:
+            text = f.read(TCP_TABLE_MAX)
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines()[1:]:
+        if len(line.split()) > 9:
+            sock = proc_socket(line)
+            if (1 << sock.state) & states and \
+                    (sock.local_port if local else sock.remote_port) in ports:
+                found.append(sock)
+    return found
+
+
+def proc_socket(line):
+    """Decode one line of /proc/net/tcp into a TcpSocket."""
+    fields = line.split()
+    local, remote = fields[1].split(b":"), fields[2].split(b":")
+    return TcpSocket(int(fields[9]), proc_address(local[0]), int(local[1], 16),
+                     proc_address(remote[0]), int(remote[1], 16), int(fields[3], 16))
+
+
+def proc_address(text):
+    """Decode /proc/net/tcp's hex address: 32-bit words in the host's byte order."""
+    raw = bytes.fromhex(text.decode("ascii"))
+    if sys.byteorder == "little":
+        raw = b"".join(raw[i:i + 4][::-1] for i in range(0, len(raw), 4))
+    return _address(raw)

@@ -1,0 +1,100 @@
+"""One tick: every tunnel checked under its lock, repaired if a check says DOWN.
+
+A healthy tunnel costs the ladder and nothing else: no program, no write,
+no line. Only a DOWN loads the repair.
+"""
+
+from .ladder import for_each, run_ladder
+from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING,
+                    TARGET_DOWN, UNKNOWN, UP, Event, Outcome, first_down)
+from .statefiles import (TunnelLock, make_state_dir, read_state, read_state_text,
+                         save_state)
+from .tcp import TcpTable
+
+
+def cmd_check(tunnels, args, reporter):
+    """One tick: every tunnel checked and repaired, side by side."""
+    table = TcpTable()
+
+    def work(t):
+        try:
+            return tick_tunnel(t, verbose=args.verbose, table=table)
+        except OSError as e:      # e.g. state_dir removed or full: say so, in one line
+            return Outcome(t.name, False, [Event(LOG_ERR, "%s: %s" % (t.name, e))], [])
+        except Exception as e:    # a bug must cost one tunnel one line, not the whole tick
+            return Outcome(t.name, False, [Event(LOG_ERR, "%s: internal error: %s: %s"
+                                                 % (t.name, e.__class__.__name__, e))], [])
+
+    healthy = True
+    if args.verbose:
+        reporter.event(LOG_INFO, "config %s; state_dir %s" % (args.config_path, ", ".join(
+            sorted({t.state_dir for t in tunnels}))))
+    for outcome in for_each(tunnels, work):
+        for event in outcome.events:
+            reporter.event(event.level, event.text, event.stderr or args.verbose)
+        healthy = healthy and outcome.healthy
+    return EXIT_OK if healthy else EXIT_DOWN
+
+
+def tick_tunnel(tunnel, verbose=False, table=None):
+    """Check one tunnel under its lock and repair it if a check says DOWN."""
+    make_state_dir(tunnel)
+    lock = TunnelLock(tunnel)
+    if not lock.acquire():
+        # another tick is on it right now: leave the tunnel to that tick, and
+        # count it as what it was when last seen
+        healthy = not read_state(tunnel).get("last_failure")
+        busy = Event(LOG_INFO, "%s: busy: another tick is checking it (last known: %s)"
+                     % (tunnel.name, "healthy" if healthy else "down"))
+        return Outcome(tunnel.name, healthy, [busy] if verbose else [], [])
+    try:
+        return _tick_locked(tunnel, verbose, table)
+    finally:
+        lock.release()
+
+
+def verdict_events(tunnel, verdicts):
+    return [Event(LOG_INFO, "%s: %s %s (%s)" % (tunnel.name, v.check, v.state, v.detail))
+            for v in verdicts]
+
+
+def _tick_locked(tunnel, verbose, table):
+    verdicts = run_ladder(tunnel, table=table, adopt=True)
+    events = verdict_events(tunnel, verdicts) if verbose else []
+    down = first_down(verdicts)
+    if down is None and all(v.state == UP for v in verdicts) and \
+            '"warnings"' not in read_state_text(tunnel):
+        return Outcome(tunnel.name, True, events, verdicts)    # healthy: nothing to write
+    state = read_state(tunnel)
+    if down is not None:
+        from .repair import repair
+        healthy, verdicts = repair(tunnel, down, state, events, verbose, table)
+        if not healthy:
+            return Outcome(tunnel.name, False, events, verdicts)
+    note_warnings(tunnel, verdicts, state, events)
+    return Outcome(tunnel.name, True, events, verdicts)
+
+
+def note_warnings(tunnel, verdicts, state, events):
+    """Report UNKNOWN and TARGET_DOWN once when they start and once when they end.
+
+    Neither restarts the tunnel, and a cron mail every minute would say nothing new.
+    """
+    now = {v.check: [v.state, v.detail] for v in verdicts if v.state in (UNKNOWN, TARGET_DOWN)}
+    before = state.get("warnings")
+    before = before if isinstance(before, dict) else {}
+    if now == before:
+        return
+    for check, (verdict, detail) in sorted(now.items()):
+        if before.get(check) != [verdict, detail]:
+            why = "not restarting" if verdict == TARGET_DOWN else "cannot tell; not restarting"
+            events.append(Event(LOG_WARNING, "%s: %s: %s (%s)"
+                                % (tunnel.name, check, detail, why)))
+    for check, (verdict, _) in sorted(before.items()):
+        if check not in now:
+            back = "its target answers again" if verdict == TARGET_DOWN else "checked again"
+            events.append(Event(LOG_NOTICE, "%s: %s: %s" % (tunnel.name, check, back)))
+    state["warnings"] = now
+    if not now:
+        del state["warnings"]
+    save_state(tunnel, state, events)
