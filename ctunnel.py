@@ -26,10 +26,10 @@ def package_problem(folder):
     for part in (package, os.path.join(package, "clients")):
         cache = os.path.join(part, "__pycache__")
         try:
-            names = [""] + sorted(os.listdir(cache))
+            cached = [cache] + [os.path.join(cache, name) for name in sorted(os.listdir(cache))]
         except OSError:
-            names = []                  # nothing cached (yet)
-        for path in [part] + [os.path.join(cache, name) for name in names]:
+            cached = []                 # nothing cached (yet)
+        for path in [part] + cached:
             try:
                 st = os.stat(path)
             except OSError:

@@ -14,10 +14,9 @@ continuation lines, # and ; comments on lines of their own.
 
 import os
 import stat
-from collections import namedtuple
 
 from . import clients
-from .model import ConfigError, Forward, expand_home
+from .model import ConfigError, Forward, expand_home, record
 from .statefiles import untrusted
 
 CONFIG_NAME = "rstunnel.conf"
@@ -199,7 +198,7 @@ def _positive(integer):
 # how: "" the text as it is; "path": relative to the config's folder, ~
 # expanded; "program": a path only when it has a "/", else looked up in
 # PATH; "lines": several values, one per line
-Key = namedtuple("Key", "name default parse how")
+Key = record("Key", "name default parse how")
 KEYS = (
     Key("host", "", _required_host, ""),
     Key("user", "", _user, ""),
@@ -221,7 +220,7 @@ DEFAULTS = {key.name: key.default for key in KEYS}
 KNOWN_KEYS = frozenset(DEFAULTS)
 
 
-class Tunnel(namedtuple("Tunnel", ("name",) + tuple(DEFAULTS) + ("client",))):
+class Tunnel(record("Tunnel", " ".join(("name",) + tuple(DEFAULTS) + ("client",)))):
     """One section of the config, checked: a key's field holds its parsed value.
 
     client: the kind of ssh client ("openssh", "dbclient"), told from ssh.
@@ -371,10 +370,10 @@ def load_config(path, problems=None):
         if key not in KNOWN_KEYS:
             raise ConfigError("%s [DEFAULT]: unknown key \"%s\" (known: %s)"
                               % (path, key, ", ".join(sorted(KNOWN_KEYS))))
-    tunnels = []
+    tunnels, memo = [], {}
     for name, values in sections:
         try:
-            tunnels.append(load_tunnel(path, name, dict(defaults, **values)))
+            tunnels.append(load_tunnel(path, name, dict(defaults, **values), memo))
         except ConfigError as e:
             if problems is None:
                 raise
@@ -385,8 +384,14 @@ def load_config(path, problems=None):
     return tunnels
 
 
-def load_tunnel(path, name, texts):
-    """Check one section ({key: text}, [DEFAULT] included) into a Tunnel."""
+def load_tunnel(path, name, texts, memo=None):
+    """Check one section ({key: text}, [DEFAULT] included) into a Tunnel.
+
+    memo: {(key, text): its value or error}, shared by the sections of one
+    load, so that a hundred tunnels of one [DEFAULT] check one key file and
+    look up one ssh, not a hundred.
+    """
+    memo = {} if memo is None else memo
     where = "%s [%s]" % (path, name)
     try:
         if name != name.strip():
@@ -401,13 +406,14 @@ def load_tunnel(path, name, texts):
     values = {}
     for key in KEYS:
         text = texts.get(key.name, key.default).strip()
-        try:
-            text = _key_text(path, key, text)
-            values[key.name] = key.parse(text)
-        except ValueError as e:
+        if (key.name, text) not in memo:
+            memo[key.name, text] = _parse(path, key, text)
+        value = memo[key.name, text]
+        if isinstance(value, ValueError):
             hint = " (a comment must be on a line of its own)" \
                 if " #" in text or " ;" in text or "\t#" in text else ""
-            raise ConfigError("%s: %s %s%s" % (where, key.name, e, hint))
+            raise ConfigError("%s: %s %s%s" % (where, key.name, value, hint))
+        values[key.name] = value
     if not values["remote_forward"] + values["local_forward"]:
         raise ConfigError("%s: no forwards: set remote_forward or local_forward" % where)
     try:
@@ -421,13 +427,22 @@ def load_tunnel(path, name, texts):
     return tunnel
 
 
+def _parse(path, key, text):
+    """Return the value of key's text, or the ValueError that says what is wrong."""
+    try:
+        return key.parse(_key_text(path, key, text))
+    except ValueError as e:
+        return e
+
+
 def _key_text(path, key, text):
     """The text of a key as its parser takes it; raise ValueError for what no key takes."""
     if text and (key.how == "path" or key.how == "program" and os.sep in text):
         # cron runs in HOME, a user by hand anywhere: relative to the config file
         text = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path)),
                                              expand_home(text)))
-    if any(c < " " and c not in "\t\n" or c == "\x7f" for c in text):
+    if not text.isprintable() and any(c < " " and c not in "\t\n" or c == "\x7f"
+                                      for c in text):
         raise ValueError("contains a control character (%r)" % text)
     if "\n" in text and key.how != "lines":
         raise ValueError('has a second line "%s": is it indented by mistake? (an indented '

@@ -11,9 +11,10 @@ import _socket       # the C module: socket.py spends milliseconds building enum
 import struct
 import sys
 import time
-from collections import namedtuple
 
-TcpSocket = namedtuple("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
+from .model import record
+
+TcpSocket = record("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
 
 # TCP states, as the kernel numbers them
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A

@@ -22,6 +22,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CTUNNEL = os.path.join(ROOT, "ctunnel.py")
 INSTALL = os.path.join(ROOT, "install.py")
+# the python a box has: the distribution's, not a developer's build in a home
+BOX_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)        # tests import the package's modules directly
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
@@ -127,8 +129,16 @@ def port_accepts(port):
 
 
 def as_user(user):
-    """The prefix that runs a command as user (a ThrowawayUser), without its groups."""
-    return ["setpriv", "--reuid=%d" % user.uid, "--regid=%d" % user.gid, "--clear-groups"]
+    """The prefix that runs a command as user (a ThrowawayUser, or a uid that is also
+    its gid), without supplementary groups."""
+    uid, gid = (user, user) if isinstance(user, int) else (user.uid, user.gid)
+    return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % gid, "--clear-groups"]
+
+
+def ctunnel_argv(*args, user=None, python=None):
+    """The argv that runs ctunnel.py, optionally as user (see as_user)."""
+    return (as_user(user) if user is not None else []) + \
+        [python or sys.executable, CTUNNEL] + list(args)
 
 
 def install_copy(folder):
@@ -143,9 +153,33 @@ def install_copy(folder):
 
 def run_ctunnel(*args, user=None, env=None, cwd=None, timeout=60, python=None):
     """Run ctunnel.py as cron would, optionally as user; return the CompletedProcess."""
-    argv = (as_user(user) if user else []) + [python or sys.executable, CTUNNEL] + list(args)
-    return subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+    return subprocess.run(ctunnel_argv(*args, user=user, python=python),
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=cwd)
+
+
+# Runs the entry as cron does (as __main__), then lists the modules it loaded.
+_RECORD = """
+import atexit, sys
+atexit.register(lambda: sys.stderr.write("MODULES %s\\n" % " ".join(sys.modules)))
+path = sys.argv[1]
+sys.argv = sys.argv[1:]
+exec(compile(open(path).read(), path, "exec"), {"__name__": "__main__", "__file__": path})
+"""
+
+
+def run_recording_modules(*args, user=None, env=None):
+    """Run ctunnel.py (as BOX_PYTHON, as cron would); return (the CompletedProcess,
+    the modules it loaded beyond those the interpreter loads by itself)."""
+    startup = subprocess.run([BOX_PYTHON, "-c", "import sys; print(' '.join(sys.modules))"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    result = subprocess.run((as_user(user) if user else []) +
+                            [BOX_PYTHON, "-c", _RECORD, CTUNNEL] + list(args),
+                            capture_output=True, text=True, stdin=subprocess.DEVNULL,
+                            timeout=60, env=env)
+    said = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]
+    assert said, result.stderr
+    return result, set(said[-1].split()[1:]) - set(startup)
 
 
 def make_tunnel(state_dir, **over):

@@ -127,10 +127,7 @@ def test_unreadable_identity_file_as_non_root(tmp_path):
             f.write("[pi]\nhost = h\nremote_forward = 1:a:2\nidentity_file = %s\n"
                     "state_dir = /tmp\n" % key)
         os.chmod(conf, 0o644)
-        prefix = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"] \
-            if os.geteuid() == 0 else []
-        result = subprocess.run(prefix + [sys.executable, CTUNNEL, "-c", conf],
-                                capture_output=True, text=True, timeout=30)
+        result = run("-c", conf, user=65534 if os.geteuid() == 0 else None)
     finally:
         shutil.rmtree(top)
     assert result.returncode == 2, result.stderr

@@ -13,13 +13,12 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
-from harness import (CTUNNEL, DropbearServer, Listener, SshServer, connect_read, free_port,
+from harness import (DropbearServer, ctunnel_argv, Listener, SshServer, connect_read, free_port,
                       pid_alive, port_accepts, wait_for)
 
 
@@ -47,8 +46,8 @@ def test_healthy_tick_runs_no_program(rig, service):
     """strace: the only execve of a healthy tick is python itself."""
     remote, _ = rig.start_reverse(service)
     trace = os.path.join(rig.state_dir, "trace")
-    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", trace,
-                             sys.executable, CTUNNEL, "-c", rig.conf],
+    result = subprocess.run(["strace", "-f", "-qq", "-e", "trace=execve", "-o", trace] +
+                            ctunnel_argv("-c", rig.conf),
                             capture_output=True, text=True, timeout=60)
     assert (result.returncode, result.stderr) == (0, "")
     execs = [l for l in open(trace) if "execve(" in l and "= 0" in l]

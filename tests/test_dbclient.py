@@ -16,8 +16,9 @@ import time
 
 import pytest
 
-from harness import (CTUNNEL, SshServer, ThrowawayUser, connect_read, descendants, end_pids,
-                      free_port, pid_alive, pids_with_arg, wait_for)
+from harness import (INSTALL, SshServer, as_user, ThrowawayUser, connect_read, descendants, end_pids,
+                      free_port, pid_alive, pids_with_arg, run_ctunnel, run_recording_modules,
+                      wait_for)
 
 DBCLIENT = shutil.which("dbclient") or "/usr/bin/dbclient"
 
@@ -63,12 +64,12 @@ class Box:
             f.write("\n".join(lines) + "\n")
         self.chown()
 
+    def env(self, home=None):
+        return {"HOME": home or self.home, "PATH": "/usr/bin:/bin"}
+
     def run(self, *args, home=None, timeout=60):
-        return subprocess.run(
-            ["setpriv", "--reuid=%d" % self.user.uid, "--regid=%d" % self.user.gid,
-             "--clear-groups", sys.executable, CTUNNEL, "-c", self.conf] + list(args),
-            env={"HOME": home or self.home, "PATH": "/usr/bin:/bin"}, capture_output=True,
-            text=True, stdin=subprocess.DEVNULL, timeout=timeout)
+        return run_ctunnel("-c", self.conf, *args, user=self.user, env=self.env(home),
+                           timeout=timeout)
 
     def state(self, suffix):
         return os.path.join(self.home, ".local", "state", "ctunnel", "pi." + suffix)
@@ -124,6 +125,16 @@ def test_first_tick_brings_a_dbclient_tunnel_up_and_proves_the_loop(box, service
     stop = box.run("stop")
     assert stop.returncode == 0 and "pi: stopped" in stop.stderr
     assert box.clients() == []
+
+
+def test_a_healthy_dbclient_tick_loads_neither_the_mux_client_nor_openssh(box, service):
+    box.write_config(service.port)
+    assert box.run().returncode == 0
+    tick, loaded = run_recording_modules("-c", box.conf, user=box.user, env=box.env())
+    assert tick.returncode == 0, tick.stderr
+    assert {"ctunnellib.tick", "ctunnellib.clients.dbclient", "ctunnellib.probes"} <= loaded
+    assert not loaded & {"ctunnellib.mux", "ctunnellib.clients.openssh", "ctunnellib.repair",
+                         "subprocess", "json", "re", "socket", "collections"}, sorted(loaded)
 
 
 def test_a_local_forward_through_dbclient_is_up_and_a_taken_one_is_one_line(box, service):
@@ -245,8 +256,7 @@ def test_a_lost_pidfile_is_found_again_by_the_token(box, service):
 def test_a_dbclient_without_the_token_is_never_signalled(box, service):
     """The user's own dbclient, named in the pidfile, is left alone."""
     box.write_config(service.port)
-    own = subprocess.Popen(["setpriv", "--reuid=%d" % box.user.uid, "--regid=%d" % box.user.gid,
-                            "--clear-groups", DBCLIENT, "-J", "sleep 600", "-i", box.key,
+    own = subprocess.Popen(as_user(box.user) + [DBCLIENT, "-J", "sleep 600", "-i", box.key,
                             "127.0.0.1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL,
                            env={"HOME": box.home, "PATH": "/usr/bin:/bin"})
@@ -338,7 +348,6 @@ def test_a_dead_target_is_TARGET_DOWN_said_once_and_never_restarted(box):
     assert (box.run().stderr, box.pid()) == ("", pid)
 
 
-INSTALL = CTUNNEL.replace("ctunnel.py", "install.py")
 # the wizard runs its ticks with its own interpreter: one a box user may run
 BOX_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
@@ -363,8 +372,7 @@ def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
         shutil.copy(server.user_key, login)
         box.chown()
         os.chmod(login, 0o600)
-        as_box = ["setpriv", "--reuid=%d" % box.user.uid, "--regid=%d" % box.user.gid,
-                  "--clear-groups"]
+        as_box = as_user(box.user)
         sock = os.path.join(box.home, "agent.sock")
         env = {"HOME": box.home, "PATH": "/usr/bin:/bin", "SSH_AUTH_SOCK": sock}
         agent = subprocess.Popen(as_box + ["ssh-agent", "-D", "-a", sock],
@@ -397,9 +405,7 @@ def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
             f.write(line + "\n")
 
         def ctunnel_py(*args):
-            return subprocess.run(as_box + [sys.executable, CTUNNEL, "-c", box.conf] +
-                                  list(args), env=env, stdin=subprocess.DEVNULL,
-                                  capture_output=True, text=True, timeout=60)
+            return run_ctunnel("-c", box.conf, *args, user=box.user, env=env)
         assert ctunnel_py("stop").returncode == 0
         tick = ctunnel_py("-v")
         assert tick.returncode == 0, tick.stderr

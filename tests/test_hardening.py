@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from harness import (CTUNNEL, SshServer, ThrowawayUser, connect_read, end_pids, free_port,
+from harness import (CTUNNEL, SshServer, as_user, ctunnel_argv, ThrowawayUser, connect_read, end_pids, free_port,
                       pid_alive, pids_with_arg, wait_for)
 from harness import good_section, run_ctunnel as run
 
@@ -59,10 +59,8 @@ def stranger():
     subprocess.run(["rm", "-rf", home])
 
 
-def as_user(user, *args):
-    return subprocess.run(["setpriv", "--reuid=%d" % user.uid, "--regid=%d" % user.gid,
-                           "--clear-groups", sys.executable, CTUNNEL] + list(args),
-                          capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=30)
+def run_as(user, *args):
+    return run(*args, user=user)
 
 
 def test_a_config_others_may_write_is_refused_with_the_fix(tmp_path, keyfile):
@@ -94,12 +92,12 @@ def test_a_config_of_another_user_is_refused_for_root_and_for_a_user(tmp_path, k
                     % os.path.join(top, "st"))
         os.chmod(theirs, 0o644)
         os.chown(theirs, 65534, 65534)
-        result = as_user(stranger, "-c", theirs, "-n")
+        result = run_as(stranger, "-c", theirs, "-n")
         assert result.returncode == 2
         assert "owned by uid 65534, not by this user or root" in result.stderr
         os.chown(theirs, 0, 0)                              # root's own: trusted
         os.chown(top, stranger.uid, stranger.gid)
-        assert as_user(stranger, "-c", theirs, "-n").returncode == 0
+        assert run_as(stranger, "-c", theirs, "-n").returncode == 0
     finally:
         subprocess.run(["rm", "-rf", top])
 
@@ -206,9 +204,7 @@ def test_look_alikes_are_never_signalled(rig, service, stranger):
     silent = socket.socket()
     silent.bind(("127.0.0.1", 0))
     silent.listen(4)
-    theirs = subprocess.Popen(["setpriv", "--reuid=%d" % stranger.uid,
-                               "--regid=%d" % stranger.gid, "--clear-groups",
-                               "/usr/bin/ssh", "-F", "/dev/null", "-o", "BatchMode=yes",
+    theirs = subprocess.Popen(as_user(stranger) + ["/usr/bin/ssh", "-F", "/dev/null", "-o", "BatchMode=yes",
                                "-o", "ConnectTimeout=60", "-p", str(silent.getsockname()[1]),
                                "-S", ctl, "-M", "-N", "127.0.0.1"],
                               stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -292,7 +288,7 @@ def test_2000_sections_cost_bounded_threads_and_all_are_reported(tmp_path):
         conf.write_text("[DEFAULT]\nhost = 127.0.0.1\nssh = /bin/false\nstate_dir = %s\n"
                         % state + "".join("[t%d]\nremote_forward = %d:127.0.0.1:22\n"
                                           % (i, 20000 + i) for i in range(2000)))
-        tick = subprocess.Popen([sys.executable, CTUNNEL, "-c", str(conf), "-q"],
+        tick = subprocess.Popen(ctunnel_argv("-c", str(conf), "-q"),
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True)
         most = [0]

@@ -10,7 +10,7 @@ import os
 import subprocess
 import sys
 
-from harness import CTUNNEL, INSTALL, ROOT, connect_read, free_port
+from harness import CTUNNEL, INSTALL, ROOT, connect_read, free_port, run_ctunnel
 
 # Packages OpenWrt splits out of python3-light (and a few more to be safe).
 ABSENT = ["logging", "unittest", "email", "urllib", "xml", "sqlite3", "multiprocessing",
@@ -119,11 +119,8 @@ def test_home_is_the_password_databases_not_HOME(sshd, service, tmp_path):
         os.chmod(os.path.join(dot_ssh, "tunnel"), 0o600)
 
         def tick(home, *args):
-            return subprocess.run(
-                ["setpriv", "--reuid=%d" % user.uid, "--regid=%d" % user.gid,
-                 "--clear-groups", sys.executable, CTUNNEL, "-c", conf] + list(args),
-                env={"HOME": home, "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
-                stdin=subprocess.DEVNULL, timeout=60)
+            return run_ctunnel("-c", conf, *args, user=user,
+                               env={"HOME": home, "PATH": "/usr/bin:/bin"})
         boot = tick("/")
         assert boot.returncode == 0, boot.stderr
         assert "pi: started" in boot.stderr

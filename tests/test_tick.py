@@ -11,12 +11,11 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 
-from harness import (CTUNNEL, SshServer, install_copy, connect_read, descendants, free_port,
+from harness import (SshServer, ctunnel_argv, install_copy, connect_read, descendants, free_port,
                       pid_alive, port_accepts, wait_for)
 
 
@@ -133,7 +132,7 @@ def test_pidfile_naming_an_unrelated_process_never_harms_it(rig, service):
 def test_simultaneous_ticks_launch_exactly_one_ssh(rig, service):
     remote = free_port()
     rig.write_config(remote_forward="%d:127.0.0.1:%d" % (remote, service.port))
-    ticks = [subprocess.Popen([sys.executable, CTUNNEL, "-c", rig.conf],
+    ticks = [subprocess.Popen(ctunnel_argv("-c", rig.conf),
                               stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
              for _ in range(4)]
     results = [(t.wait(timeout=60), t.stderr.read()) for t in ticks]
@@ -515,7 +514,7 @@ def test_at_a_terminal_every_failure_is_printed(rig, service):
     for attempt in (1, 2):
         master, slave = pty.openpty()
         try:
-            tick = subprocess.run([sys.executable, CTUNNEL, "-c", rig.conf],
+            tick = subprocess.run(ctunnel_argv("-c", rig.conf),
                                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                   stderr=slave, timeout=60)
             os.close(slave)
