@@ -661,14 +661,18 @@ def dbclient_prove_login(plan):
             if status is not None else said)))
 
 
+# The setup steps of each client kind (ctunnellib.clients.KINDS), by the kind
+# the tick itself tells from the program (clients.kind_of).
 Steps = argparse.Namespace
-OPENSSH_STEPS = Steps(ensure_host_key=ensure_host_key, ensure_key=ensure_key,
-                      install_key=install_key, prove_login=prove_login,
-                      check_server=check_server)
-# the first tick says whether a reverse port is taken (dbclient has no ssh -W)
-DBCLIENT_STEPS = Steps(ensure_host_key=dbclient_host_key, ensure_key=dbclient_key,
-                       install_key=dbclient_install_key, prove_login=dbclient_prove_login,
-                       check_server=lambda plan, asker: None)
+STEPS = {
+    "openssh": Steps(ensure_host_key=ensure_host_key, ensure_key=ensure_key,
+                     install_key=install_key, prove_login=prove_login,
+                     check_server=check_server),
+    # the first tick says whether a reverse port is taken (dbclient has no ssh -W)
+    "dbclient": Steps(ensure_host_key=dbclient_host_key, ensure_key=dbclient_key,
+                      install_key=dbclient_install_key, prove_login=dbclient_prove_login,
+                      check_server=lambda plan, asker: None),
+}
 
 
 # ---------------------------------------------------------------------------
@@ -783,6 +787,21 @@ def install_cron(line, asker):
     if done.returncode != 0:
         raise Abort("crontab - failed: %s" % done.stderr.strip())
     asker.say("Added to your crontab: %s" % line)
+
+
+def precompile(asker):
+    """Compile ctunnel's package once, so that no tick compiles it every minute.
+
+    cron runs ctunnel.py as a script, and Python caches bytecode only for
+    what it imports, where the user may write: a cron user who cannot write
+    the install folder would compile the package on every tick.
+    """
+    import compileall
+    package = os.path.join(os.path.dirname(CTUNNEL_PY), "ctunnellib")
+    if not compileall.compile_dir(package, quiet=2):
+        asker.say("Note: %s is not yours to write, so its bytecode cannot be cached there and "
+                  "every tick would compile it. Ask its owner to run once: python3 -m "
+                  "compileall -q %s" % (package, package))
 
 
 # ---------------------------------------------------------------------------
@@ -915,7 +934,7 @@ def setup(args, asker):
     if problem:
         raise Abort(problem)
     plan.server = server_kind(banner)
-    steps = DBCLIENT_STEPS if plan.client == "dbclient" else OPENSSH_STEPS
+    steps = STEPS[plan.client]
     steps.ensure_host_key(plan, asker, args.accept_host_key)
     steps.ensure_key(plan, asker)
     steps.install_key(plan, asker, args.install_key)
@@ -927,6 +946,7 @@ def setup(args, asker):
     asker.say("Wrote [%s] to %s (mode 600)." % (plan.name, plan.config))
     if plan.cron:
         install_cron(cron_line(plan.config), asker)
+    precompile(asker)
     asker.say(server_advice(plan))
     asker.say("\nFirst tick:")
     tick = subprocess.run([sys.executable, CTUNNEL_PY, "-c", plan.config, "check", plan.name])
@@ -936,6 +956,8 @@ def setup(args, asker):
 
 
 def main(argv=None):
+    # what the wizard writes (config, keys, bytecode) is never group- or world-writable
+    os.umask(os.umask(0o022) | 0o022)
     args = parse_args(argv)
     asker = Asker(interactive=not args.yes)
     try:

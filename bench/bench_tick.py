@@ -2,6 +2,7 @@
 """Measure what a healthy tick costs, against the checks it replaces.
 
 usage: python3 bench/bench_tick.py [--ticks N] [--tunnels 1,10,100] [--json FILE]
+                                  [--dbclient]
 
 Starts its own sshd on 127.0.0.1 (the test harness's) in a PID namespace of
 its own, logging in a throwaway user whose shell is plain /bin/sh, with K
@@ -9,13 +10,17 @@ tunnels of one reverse forward each, through a byte-counting relay. Then, for
 each K, it runs N rounds; each round runs one healthy tick of each variant,
 alternating:
 
-  ctunnel    this ctunnel.py: mux protocol from Python, data-path check
-  previous   the ctunnel.py before the data path (git), `ssh -O check` and
-             `ssh -S CTL host nc -z` per forward
-  dbclient   this ctunnel.py driving Dropbear's dbclient (--dbclient): a box
-             user's tick, through each tunnel's loopback -L (setpriv runs it)
-  ctunnel-sh a CTunnel-style bash tick: `ssh -S CTL host "echo test | timeout 3
-             nc -v localhost PORT"` per forward, over the same masters
+  ctunnel      this ctunnel.py (root's, its bytecode cached as cron caches it)
+  cron user    this ctunnel.py installed by root in a folder the cron user cannot
+               write, precompiled (README's step), ticked by that user
+  single file  ctunnel.py before it became a package (git): compiled every tick
+  dbclient     this ctunnel.py driving Dropbear's dbclient (--dbclient): a box
+               user's tick, through each tunnel's loopback -L (setpriv runs it)
+  ctunnel-sh   a CTunnel-style bash tick: `ssh -S CTL host "echo test | timeout 3
+               nc -v localhost PORT"` per forward, over the same masters
+  python -c pass  the interpreter alone: the floor of any Python tick
+
+PYTHONDONTWRITEBYTECODE is unset for every tick, as under cron.
 
 and reports per tick: wall (median), CPU of the tick and every program it ran
 (median), peak RSS, programs run on the box (strace -f, in a run of their
@@ -25,6 +30,7 @@ useradd), strace, and what the tests need.
 """
 
 import argparse
+import compileall
 import json
 import os
 import shutil
@@ -38,10 +44,10 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-from harness import (CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
-                      descendants, end_pids, pids_with_arg)
+from harness import (BOX_PYTHON, CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
+                      as_user, descendants, end_pids, install_copy, pids_with_arg)
 
-PREVIOUS = "ed211d9"      # the last commit whose tick used ssh -O check and nc
+SINGLE_FILE = "57ec3b9"   # the last commit whose ctunnel.py held all the code
 NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range
 
 
@@ -177,10 +183,11 @@ def ctunnel_sh(path, server, relay, tunnels):
     return ["/bin/bash", path]
 
 
-def write_config(path, server, relay, service, count, state_dir, client=None):
+def write_config(path, server, relay, service, count, state_dir, client=None, key=None):
     """count tunnels through the relay; return [(control socket, remote port)].
 
-    client: (dbclient path, its Dropbear-format key) for a dbclient config."""
+    client: (dbclient path, its Dropbear-format key) for a dbclient config;
+    key: (key, ssh_config) for a config of the cron user."""
     tunnels, ports = [], []
     # below the ephemeral range: hundreds of connections come and go on this one
     # machine, and one of them may take a port chosen in it as its own source port
@@ -197,8 +204,8 @@ def write_config(path, server, relay, service, count, state_dir, client=None):
         f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nstate_dir = %s\n"
                 % (relay.port, server.user, state_dir))
         f.write("ssh = %s\nidentity_file = %s\n\n" % client if client else
-                "identity_file = %s\nssh_config = %s\n\n" % (server.user_key,
-                                                             server.ssh_config))
+                "identity_file = %s\nssh_config = %s\n\n" % (key or (server.user_key,
+                                                                     server.ssh_config)))
         for i, port in enumerate(ports):
             f.write("[t%d]\nremote_forward = %d:127.0.0.1:%d\n" % (i, port, service.port))
             tunnels.append((os.path.join(state_dir, "t%d.ctl" % i), port))
@@ -226,26 +233,34 @@ def bring_up(argv):
     raise SystemExit("bench: tunnels did not come up (%s): %s" % (argv[-1], said))
 
 
-def bench(count, rounds, server, relay, counter, service, work, previous, box=None):
+def bench(count, rounds, server, relay, counter, service, work, single_file, cron_user,
+          box=None):
     """All variants for one tunnel count, alternating; return their figures.
 
-    box: (setpriv argv that runs as the box user, dbclient, its key, its home)
-    for the dbclient variant."""
+    cron_user: (setpriv argv that runs as the cron user, the ctunnel.py it runs,
+    its home, its key, its ssh_config). box: (setpriv argv that runs as the box
+    user, dbclient, its key, its home) for the dbclient variant."""
     state = os.path.join(work, "st%d" % count)
     conf = os.path.join(work, "c%d.conf" % count)
     tunnels = write_config(conf, server, relay, service, count, state)
-    python = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
+    python = BOX_PYTHON
     bring_up([sys.executable, CTUNNEL, "-c", conf])
     variants = {"ctunnel": [python, CTUNNEL, "-c", conf]}
+    as_cron, script, home, key, ssh_config = cron_user
+    user_conf = os.path.join(home, "c%d.conf" % count)
+    write_config(user_conf, server, relay, service, count, os.path.join(home, "st%d" % count),
+                 key=(key, ssh_config))
+    variants["cron user"] = as_cron + [python, script, "-c", user_conf]
+    bring_up(variants["cron user"])
     if box:
-        as_box, dbclient, key, home = box
+        as_box, dbclient, db_key, db_home = box
         db_conf = os.path.join(work, "d%d.conf" % count)
         write_config(db_conf, server, relay, service, count,
-                     os.path.join(home, "st%d" % count), (dbclient, key))
+                     os.path.join(db_home, "sd%d" % count), (dbclient, db_key))
         variants["dbclient"] = as_box + [python, CTUNNEL, "-c", db_conf]
         bring_up(variants["dbclient"])
     variants.update({
-        "previous": [python, previous, "-c", conf],
+        "single file": [python, single_file, "-c", conf],
         "ctunnel-sh": ctunnel_sh(os.path.join(work, "ct%d.sh" % count), server, relay, tunnels),
         "python -c pass": [python, "-c", "pass"],     # the floor of any Python tick
     })
@@ -261,9 +276,31 @@ def bench(count, rounds, server, relay, counter, service, work, previous, box=No
         results[name] = summarize(samples[name], peak_rss_mb(argv), count_programs(argv),
                                   forked, wire)
     subprocess.run([sys.executable, CTUNNEL, "-c", conf, "stop"], capture_output=True)
+    subprocess.run(variants["cron user"] + ["stop"], capture_output=True)
     if box:
         subprocess.run(variants["dbclient"] + ["stop"], capture_output=True)
     return results
+
+
+def install_for(account, server, work):
+    """ctunnel installed by root where the cron user (account) cannot write, and
+    precompiled as README says; the user's own copy of the key and ssh_config.
+
+    Returns (setpriv argv for the user, the installed ctunnel.py, the user's home,
+    the key, the ssh_config)."""
+    folder = os.path.join(work, "opt")
+    os.mkdir(folder)
+    script = install_copy(folder)
+    compileall.compile_dir(os.path.join(folder, "ctunnellib"), quiet=2)
+    dot_ssh = os.path.join(account.home, ".ssh")
+    os.makedirs(dot_ssh, mode=0o700, exist_ok=True)
+    key = os.path.join(dot_ssh, "tunnel")
+    shutil.copy(server.user_key, key)
+    ssh_config = os.path.join(dot_ssh, "config")
+    shutil.copy(server.ssh_config, ssh_config)
+    subprocess.run(["chown", "-R", "%d:%d" % (account.uid, account.gid), account.home],
+                   check=True)
+    return as_user(account), script, account.home, key, ssh_config
 
 
 def main(argv=None):
@@ -276,12 +313,13 @@ def main(argv=None):
                         help="also measure ticks that drive Dropbear's dbclient")
     args = parser.parse_args(argv)
 
+    os.environ.pop("PYTHONDONTWRITEBYTECODE", None)     # cron does not set it
     work = tempfile.mkdtemp(prefix="ctb", dir="/tmp")
     os.chmod(work, 0o755)
-    previous = os.path.join(work, "ctunnel-previous.py")
-    with open(previous, "wb") as f:
+    single_file = os.path.join(work, "ctunnel-single-file.py")
+    with open(single_file, "wb") as f:
         f.write(subprocess.run(["git", "-C", os.path.join(HERE, ".."), "show",
-                                PREVIOUS + ":ctunnel.py"], check=True,
+                                SINGLE_FILE + ":ctunnel.py"], check=True,
                                capture_output=True).stdout)
     os.makedirs(os.path.join(work, "sshd"))
     account = ThrowawayUser(os.path.join(work, "home"))
@@ -294,6 +332,7 @@ def main(argv=None):
     with open(server.known_hosts, "a") as f:
         f.write("[127.0.0.1]:%d %s" % (relay.port, key_line))
     service = SshLikeService()
+    cron_user = install_for(account, server, work)
     box = None
     if args.dbclient:       # the box user is the server's login user: one throwaway user
         home, uid, gid = account.home, account.uid, account.gid
@@ -304,8 +343,7 @@ def main(argv=None):
         with open(os.path.join(home, ".ssh", "known_hosts"), "w") as f:
             f.write("127.0.0.1 %s" % key_line)
         subprocess.run(["chown", "-R", "%d:%d" % (uid, gid), home], check=True)
-        box = (["setpriv", "--reuid=%d" % uid, "--regid=%d" % gid, "--clear-groups"],
-               shutil.which("dbclient"), key, home)
+        box = (as_user(account), shutil.which("dbclient"), key, home)
     try:
         results = {"python": subprocess.run(["/usr/bin/python3", "-V"], capture_output=True,
                                             text=True).stdout.strip(),
@@ -313,11 +351,12 @@ def main(argv=None):
                                          text=True).stderr.strip(),
                    "rounds": args.ticks, "by_tunnels": {}}
         for count in [int(c) for c in args.tunnels.split(",")]:
-            figures = bench(count, args.ticks, server, relay, counter, service, work, previous,
-                            box)
-            base = figures["ctunnel-sh"]
-            figures["ratio_to_ctunnel_sh"] = {
-                k: round(figures["ctunnel"][k] / base[k], 2) for k in ("wall_ms", "cpu_ms")}
+            figures = bench(count, args.ticks, server, relay, counter, service, work,
+                            single_file, cron_user, box)
+            for base in ("ctunnel-sh", "python -c pass"):
+                figures["ratio_to_" + base] = {
+                    name: round(figures[name]["cpu_ms"] / figures[base]["cpu_ms"], 2)
+                    for name in ("ctunnel", "cron user")}
             results["by_tunnels"][count] = figures
             print(json.dumps({count: figures}, indent=1), flush=True)
         if args.json:

@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-from harness import (INSTALL, ROOT, SshServer, connect_read, end_pids, free_port,
+from harness import (INSTALL, ROOT, SshServer, install_copy, connect_read, end_pids, free_port,
                       pids_with_arg, wait_for)
 
 from ctunnellib import config
@@ -86,9 +86,9 @@ class Box:
     def flags(self):
         return ["--ssh-config", self.ssh_config]
 
-    def run(self, *args, timeout=90):
+    def run(self, *args, timeout=90, install=INSTALL):
         """install.py without a terminal (the --yes path)."""
-        return subprocess.run([sys.executable, INSTALL] + self.flags() + list(args),
+        return subprocess.run([sys.executable, install] + self.flags() + list(args),
                               env=self.env, stdin=subprocess.DEVNULL, capture_output=True,
                               text=True, timeout=timeout)
 
@@ -295,6 +295,27 @@ def test_non_interactive_second_run_adds_a_tunnel_and_keeps_the_first(box, servi
     assert "%d:127.0.0.1" % remote2 in text and "%d:127.0.0.1" % remote not in text
     crontab = open(box.crontab).read()
     assert crontab.count("ctunnel.py") == 1 and crontab.count(install.CRON_COMMENT) == 1
+
+
+def test_the_wizard_precompiles_the_package_so_that_no_tick_compiles_it(box, service):
+    """cron runs ctunnel.py as a script; the modules it imports are cached by the wizard,
+    also those a healthy tick never loads (the repair, the other client)."""
+    folder = os.path.join(box.tmp, "opt")
+    os.mkdir(folder)
+    install_copy(folder)
+    box.prepare_config()
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--remote-forward", "%d:127.0.0.1:%d" % (free_port(), service.port),
+                     "--config", box.config, "--no-cron", "--accept-host-key",
+                     install=os.path.join(folder, "install.py"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    sources = [os.path.join(top, name) for top, _, names in
+               os.walk(os.path.join(folder, "ctunnellib")) for name in names
+               if name.endswith(".py")]
+    assert len(sources) > 10
+    missing = [path for path in sources if not os.path.exists(
+        importlib.util.cache_from_source(path))]
+    assert missing == []
 
 
 @pytest.mark.parametrize("args,flag", [
