@@ -145,6 +145,11 @@ def main(argv=None, script=None):
     except OSError as e:      # e.g. state_dir removed after loading: one line, no traceback
         sys.stderr.write("ctunnel: %s\n" % e)
         status = EXIT_DOWN
+    except KeyboardInterrupt:
+        # what a tunnel's thread was launching runs on in a session of its own,
+        # and the next tick adopts it by its token
+        sys.stderr.write("ctunnel: interrupted\n")
+        status = EXIT_DOWN
     return EXIT_USAGE if problems else status
 
 

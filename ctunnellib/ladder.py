@@ -6,42 +6,50 @@ program and writes nothing.
 """
 
 from .clients import client_of, find_tunnel_processes, is_tunnel_process
-from .model import DOWN, GONE, NOT_OURS, NOT_RUNNING, PROCESS, UP, Verdict
+from .model import (CONFIG_CHANGED, DOWN, GONE, NOT_OURS, NOT_RUNNING, PROCESS, UP, Verdict,
+                    changed_settings)
 from .procfs import process_alive
-from .statefiles import read_pidfile, write_pidfile
+from .statefiles import read_launch, write_pidfile
 from .tcp import TcpTable
 
 
 PARALLEL = 32               # tunnels checked at once (a thread each)
 
 
-def check_process(tunnel, adopt=False):
-    """Is the pidfile's PID alive and this tunnel's client? Return (pid, Verdict).
+def check_process(tunnel, adopt=False, record=True):
+    """Is the pidfile's PID alive, this tunnel's client, and launched as the config
+    says now? Return (pid, Verdict).
 
     adopt: with no usable pidfile, look for this tunnel's client by its token
-    (a launch whose pidfile could not be written: a full disk) and record
-    it, rather than start a second one.
+    (a launch whose pidfile could not be written: a full disk) and, if record,
+    record it rather than start a second one.
     """
-    pid = read_pidfile(tunnel)
-    if pid is None:
+    launch = read_launch(tunnel)
+    if launch is None:
         found = find_tunnel_processes(tunnel) if adopt else []
         if len(found) != 1:
-            return None, Verdict("process", DOWN, "not running", PROCESS, NOT_RUNNING)
+            return None, Verdict("process", DOWN, NOT_RUNNING, PROCESS, NOT_RUNNING)
         try:
-            write_pidfile(tunnel, found[0])
+            if record:
+                write_pidfile(tunnel, found[0])
         except OSError:
             pass                    # still full: adopted again next tick
         return found[0], Verdict("process", UP, "pid %d, adopted (it had no pidfile)"
-                                 % found[0], PROCESS)
+                                 % found[0], PROCESS, pid=found[0])
+    pid = launch.pid
     if not process_alive(pid):
         return None, Verdict("process", DOWN, "process %d gone" % pid, PROCESS, GONE)
-    if not is_tunnel_process(pid, tunnel):
+    if not is_tunnel_process(pid, tunnel, launch):
         return None, Verdict("process", DOWN, "pidfile names PID %d, which is not this "
                              "tunnel's ssh" % pid, PROCESS, NOT_OURS)
-    return pid, Verdict("process", UP, "pid %d" % pid, PROCESS)
+    changed = changed_settings(launch.settings, tunnel) if launch.settings else []
+    if changed:
+        return None, Verdict("process", DOWN, "config changed (%s)" % ", ".join(changed),
+                             PROCESS, CONFIG_CHANGED)
+    return pid, Verdict("process", UP, "pid %d" % pid, PROCESS, pid=pid)
 
 
-def run_ladder(tunnel, launched=None, table=None, adopt=False):
+def run_ladder(tunnel, launched=None, table=None, adopt=False, record=True):
     """Run the checks cheapest first; stop at the first DOWN.
 
     Returns the list of verdicts reached; the tunnel is healthy if none is DOWN.
@@ -52,7 +60,7 @@ def run_ladder(tunnel, launched=None, table=None, adopt=False):
     client = client_of(tunnel)
     verdicts, expected = [], launched
     if not launched:
-        expected, verdict = check_process(tunnel, adopt)
+        expected, verdict = check_process(tunnel, adopt, record)
         verdicts.append(verdict)
         if expected is None:
             return verdicts
@@ -87,7 +95,9 @@ def for_each(items, work):
                     return
                 index, item = queue.pop()
             results[index] = work(item)
-    threads = [threading.Thread(target=worker) for _ in range(min(PARALLEL, len(items)))]
+    # daemons: Ctrl-C ends the tick at once, not after the slowest tunnel
+    threads = [threading.Thread(target=worker, daemon=True)
+               for _ in range(min(PARALLEL, len(items)))]
     for thread in threads:
         thread.start()
     for thread in threads:

@@ -78,10 +78,12 @@ PROCESS, LINK, FORWARD = "process", "link", "forward"
 NOT_RUNNING = "not running"     # no pidfile and no process of the tunnel: a first start
 GONE = "gone"                   # the recorded process died: its last words are news
 NOT_OURS = "not ours"           # the pidfile names a process that is not this tunnel's
+CONFIG_CHANGED = "config changed"   # the running client was launched with other settings
 
 # check: the name the user sees ("process", "master", "remote forward 1122");
-# kind: PROCESS, LINK or FORWARD; cause: one of the causes above, or None.
-Verdict = record("Verdict", "check state detail kind cause", defaults=(FORWARD, None))
+# kind: PROCESS, LINK or FORWARD; cause: one of the causes above, or None;
+# pid: the client's, when the process check found it.
+Verdict = record("Verdict", "check state detail kind cause pid", defaults=(FORWARD, None, None))
 
 
 def first_down(verdicts):
@@ -130,6 +132,35 @@ def check_address(forward):
 def state_path(tunnel, suffix):
     """Return the path of one of the tunnel's files: pid, ctl, lock, state, log."""
     return os.path.join(tunnel.state_dir, "%s.%s" % (tunnel.name, suffix))
+
+
+# the settings a running client does not follow: a change restarts it. Not
+# the program's path: PATH may find another ssh for cron than at a terminal;
+# the client kind it is of counts.
+LAUNCH_KEYS = ("client", "host", "user", "port", "identity_file", "ssh_config",
+               "remote_forward", "local_forward", "ssh_options", "server_alive_interval",
+               "server_alive_count_max")
+
+
+def launch_settings(tunnel):
+    """The settings a tunnel's client is launched with, as one line of text.
+
+    The pidfile keeps it: a tick that reads other settings in the config knows
+    the running client is not what the config asks for. "\x1f" separates them
+    (no config value may hold a control character).
+    """
+    def text(value):
+        if isinstance(value, tuple):
+            return ",".join(forward_arg(v) if isinstance(v, Forward) else v for v in value)
+        return "" if value is None else str(value)
+    return "\x1f".join("%s=%s" % (key, text(getattr(tunnel, key))) for key in LAUNCH_KEYS)
+
+
+def changed_settings(before, tunnel):
+    """The keys whose value differs between settings text before and the tunnel's now."""
+    then = dict(item.partition("=")[::2] for item in before.split("\x1f"))
+    now = dict(item.partition("=")[::2] for item in launch_settings(tunnel).split("\x1f"))
+    return [key for key in LAUNCH_KEYS if then.get(key) != now.get(key)]
 
 
 def expand_home(path):

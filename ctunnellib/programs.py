@@ -8,26 +8,33 @@ import os
 import subprocess
 import time
 
+from .statefiles import LAUNCH_MARK
+
 OUTPUT_MAX = 65536          # bytes kept of what a program prints; the rest is drained
 
 
-def run(argv, timeout, answers=None, env=None):
+def run(argv, timeout, answers=None, env=None, hold_input=False):
     """Run argv without a shell; return (status or None on timeout, stdout, stderr).
 
     Output is read with a cap, so a server that talks without end cannot
     fill the box's memory; the excess is read and thrown away. answers:
-    bytes for its stdin (default: none, /dev/null); env: its environment.
+    bytes for its stdin (default: none, /dev/null); hold_input: its stdin
+    reaches no end until it exits or the timeout; env: its environment.
     """
     import selectors
-    stdin = subprocess.DEVNULL
+    stdin, ours = subprocess.DEVNULL, None
     if answers is not None:
         stdin, ours = os.pipe()
         os.write(ours, answers)
-        os.close(ours)
+        if not hold_input:
+            os.close(ours)
+            ours = None
     try:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=env, start_new_session=True)
     except OSError as e:
+        if ours is not None:
+            os.close(ours)
         return 255, "", "cannot run %s: %s" % (argv[0], e.strerror)
     finally:
         if answers is not None:
@@ -52,6 +59,8 @@ def run(argv, timeout, answers=None, env=None):
         status = None
     for pipe in kept:
         pipe.close()
+    if ours is not None:
+        os.close(ours)
     return status, kept[proc.stdout].decode("utf-8", "replace"), \
         kept[proc.stderr].decode("utf-8", "replace").strip()
 
@@ -67,9 +76,11 @@ def quote_argv(argv):
 # ---------------------------------------------------------------------------
 
 def lines_said(text):
-    """The lines of text worth reading: not blank, not ssh's known_hosts chatter."""
-    return [l.strip() for l in text.splitlines()
-            if l.strip() and not l.startswith("Warning: Permanently added")]
+    """The lines of text worth reading: not blank, not ssh's known_hosts chatter,
+    not the line ctunnel writes before a launch."""
+    return [line.strip() for line in text.splitlines()
+            if line.strip() and not line.startswith(("Warning: Permanently added",
+                                                     LAUNCH_MARK))]
 
 
 def last_line(text):

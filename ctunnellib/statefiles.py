@@ -10,16 +10,28 @@ import fcntl
 import os
 import time
 
-from .model import LOG_WARNING, Event, state_path
+from .model import LOG_WARNING, Event, launch_settings, record, state_path
 
 STATE_MAX = 65536           # bytes read of a state file at most
 LOG_MAX = 1 << 20           # NAME.log is cut back to LOG_KEEP bytes past this size
 LOG_KEEP = 65536
 
+PIDFILE_MAX = 8192          # bytes read of a pidfile at most
+# the line ctunnel writes into NAME.log before each launch: what follows is that
+# launch's client's own words, and nothing before it is
+LAUNCH_MARK = "ctunnel: launching "
+
 # the state record's keys and their types: a garbled or hand-edited file
 # loses what has the wrong type, never the tick
 STATE_TYPES = {"restarts": int, "failures": int, "last_restart": int, "failure_said": int,
-               "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict}
+               "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict,
+               "outage": str, "session": dict, "notes": list}
+
+# What the pidfile says of the process a tick launched: its PID, the client
+# kind and program it was launched as (which PATH or the config may have
+# changed since), and the config it was launched with (model.launch_settings),
+# or None for each that a pidfile of an older ctunnel leaves out.
+Launch = record("Launch", "pid client program settings")
 
 
 def untrusted(st):
@@ -83,18 +95,36 @@ def write_atomic(path, text):
 # The pidfile and the state record
 # ---------------------------------------------------------------------------
 
-def read_pidfile(tunnel):
-    """Return the PID in the tunnel's pidfile, or None (also for a garbled one)."""
+def read_launch(tunnel):
+    """Return the Launch the tunnel's pidfile records, or None (also for a garbled one)."""
     try:
-        text = read_state_file(state_path(tunnel, "pid"), 32).strip()
+        lines = read_state_file(state_path(tunnel, "pid"), PIDFILE_MAX).split(b"\n")
     except OSError:
         return None
-    ok = 0 < len(text) <= 10 and all(48 <= c <= 57 for c in text) and 0 < int(text) < 1 << 31
-    return int(text) if ok else None
+    text = lines[0].strip()
+    if not (0 < len(text) <= 10 and all(48 <= c <= 57 for c in text)
+            and 0 < int(text) < 1 << 31):
+        return None
+    client = program = settings = None
+    try:
+        if len(lines) > 2 and b" " in lines[1]:
+            client, program = lines[1].decode().split(" ", 1)
+            settings = lines[2].decode()
+    except UnicodeDecodeError:
+        pass
+    return Launch(int(text), client, program, settings)
+
+
+def read_pidfile(tunnel):
+    """Return the PID in the tunnel's pidfile, or None."""
+    launch = read_launch(tunnel)
+    return launch.pid if launch else None
 
 
 def write_pidfile(tunnel, pid):
-    write_atomic(state_path(tunnel, "pid"), "%d\n" % pid)
+    """Record pid as launched now, as the tunnel's config says (see Launch)."""
+    write_atomic(state_path(tunnel, "pid"), "%d\n%s %s\n%s\n" % (
+        pid, tunnel.client, os.path.realpath(tunnel.ssh), launch_settings(tunnel)))
 
 
 def read_state_text(tunnel):
@@ -175,6 +205,31 @@ def log_since(tunnel, offset, limit=8192):
                                                                               "replace")
     except OSError:
         return ""
+
+
+def open_launch_log(tunnel, program):
+    """Open NAME.log for a launch's output; return (its fd, the offset where the
+    launch's own words begin). A line marks the launch first: what an earlier
+    client said is never taken for this one's words."""
+    trim_log(tunnel)                # what earlier clients said stays, capped
+    fd = os.open(state_path(tunnel, "log"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    try:
+        os.write(fd, ("%s%s at %s\n" % (LAUNCH_MARK, program, time.strftime(
+            "%Y-%m-%d %H:%M:%S"))).encode())
+    except OSError:
+        pass                # a full disk: the launch goes on (nor can its client write)
+    return fd, os.fstat(fd).st_size
+
+
+def launch_words(tunnel, limit=4096):
+    """What the client of the last launch wrote to NAME.log (the end of it), as text."""
+    try:
+        tail = read_state_file(state_path(tunnel, "log"), limit, -limit).decode(
+            "utf-8", "replace")
+    except OSError:
+        return ""
+    mark = tail.rfind(LAUNCH_MARK)
+    return tail[tail.find("\n", mark) + 1:] if mark >= 0 else tail
 
 
 def trim_log(tunnel, keep=LOG_KEEP):

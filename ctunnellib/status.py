@@ -8,20 +8,24 @@ import time
 
 from .clients import client_of
 from .ladder import for_each, run_ladder
-from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_NOTICE, NOT_RUNNING, UP, first_down)
+from .model import EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_NOTICE, NOT_RUNNING, first_down
 from .procfs import process_uptime
 from .report import printable
-from .statefiles import TunnelLock, make_state_dir, read_pidfile, read_state, write_state
+from .statefiles import TunnelLock, make_state_dir, read_state, save_state
 from .tcp import TcpTable
 
 STOP_LOCK_WAIT = 30.0       # `stop` waits this long for a running tick
 
 
 def describe_tunnel(tunnel, table=None):
-    """Return the status record of one tunnel, changing nothing."""
-    verdicts = run_ladder(tunnel, table=table)
+    """Return the status record of one tunnel, changing nothing.
+
+    A client that a tick adopted but could not record (a full disk) is shown
+    as it is: found by its token.
+    """
+    verdicts = run_ladder(tunnel, table=table, adopt=True, record=False)
     state = read_state(tunnel)
-    pid = read_pidfile(tunnel) if verdicts[0].state == UP else None
+    pid = verdicts[0].pid
     if verdicts[0].cause == NOT_RUNNING and state.get("stopped"):
         verdicts[0] = verdicts[0]._replace(detail="stopped by `ctunnel.py stop` at %s; the "
                                            "next tick starts it again" % _when(state["stopped"]))
@@ -39,6 +43,7 @@ def describe_tunnel(tunnel, table=None):
         "last_restart": state.get("last_restart"),
         "last_reason": state.get("last_reason"),
         "last_failure": state.get("last_failure"),
+        "notes": state.get("notes", []),
     }
 
 
@@ -64,6 +69,7 @@ def _format_status(r):
     lines = [head, "  host %s  %s" % (r["host"], "  ".join(r["forwards"])),
              "  state_dir %s" % r["state_dir"]]
     lines += ["  %-20s %-11s %s" % (c["check"], c["verdict"], c["detail"]) for c in r["checks"]]
+    lines += ["  note: %s" % note for note in r["notes"]]
     if r["last_restart"]:
         first = r["last_reason"] == NOT_RUNNING
         lines.append("  %s %s%s%s" % (
@@ -99,16 +105,21 @@ def cmd_stop(tunnels, args, reporter):
                            % (t.name, lock.path))
             status = EXIT_DOWN
             continue
+        events = []
         try:
             stopped = stop_tunnel(t)
             state = read_state(t)
+            for key in ("outage", "session", "notes", "failures", "last_failure"):
+                state.pop(key, None)
             state["stopped"] = int(time.time())      # for status: stopped on purpose
-            write_state(t, state)
+            save_state(t, state, events)             # a full disk: a line, still stopped
         finally:
             lock.release()
         if stopped:
             reporter.event(LOG_NOTICE, "%s: stopped (pid %s)"
                            % (t.name, ", ".join(map(str, stopped))))
+        for event in events:
+            reporter.event(event.level, event.text)
     return status
 
 

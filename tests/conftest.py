@@ -2,11 +2,12 @@
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 
-from harness import Rig, Service, SshServer, end_pids, pids_with_arg
+from harness import Rig, Service, SshServer, ThrowawayUser, end_pids, pids_with_arg
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,66 @@ def sshd_without_nc(tmp_path_factory):
     server = SshServer(str(tmp_path_factory.mktemp("sshd-nonc")), session_path="/nonexistent")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def make_user_server():
+    """make(**kw): a real sshd whose login is an ordinary throwaway user, as on most
+    VPSes (not root, which sees every session). All are stopped after the test."""
+    made = []
+
+    def make(**kw):
+        top = tempfile.mkdtemp(prefix="ctu", dir="/tmp")
+        os.chmod(top, 0o755)                # sshd reads authorized_keys as that user
+        user = ThrowawayUser(os.path.join(top, "home"))
+        os.makedirs(os.path.join(top, "sshd"))
+        made.append((top, user, None))
+        server = SshServer(os.path.join(top, "sshd"), user=user.name, **kw)
+        server.account = user
+        made[-1] = (top, user, server)
+        return server
+    yield make
+    for top, user, server in made:
+        if server:
+            server.stop()
+        user.remove()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+@pytest.fixture
+def firewall():
+    """drop(*match) adds an INPUT DROP rule on loopback; lift(rule) removes it."""
+    rules = []
+
+    def drop(*match):
+        rule = ["-i", "lo", "-p", "tcp"] + list(match) + \
+            ["-m", "comment", "--comment", "ctunnel-test-%d" % os.getpid(), "-j", "DROP"]
+        subprocess.run(["iptables", "-w", "-I", "INPUT"] + rule, check=True)
+        rules.append(rule)
+        return rule
+
+    def lift(rule):
+        subprocess.run(["iptables", "-w", "-D", "INPUT"] + rule, check=True)
+        rules.remove(rule)
+    yield drop, lift
+    for rule in rules:
+        subprocess.run(["iptables", "-w", "-D", "INPUT"] + rule)
+
+
+@pytest.fixture
+def full_disk():
+    """A tmpfs of 256 KB, filled: the state_dir of the test. Unmounted after."""
+    mount = tempfile.mkdtemp(prefix="ctf", dir="/tmp")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", mount],
+                   check=True)
+    try:
+        state = os.path.join(mount, "st")
+        os.makedirs(state, mode=0o700)
+        yield mount, state
+    finally:
+        end_pids(pids_with_arg(mount))      # the tunnel's ssh, before its dir goes
+        subprocess.run(["umount", "-l", mount], check=True)
+        os.rmdir(mount)
 
 
 @pytest.fixture

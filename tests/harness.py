@@ -201,6 +201,47 @@ def good_section(tmp_path, keyfile, **override):
     return "".join("%s = %s\n" % kv for kv in keys.items() if kv[1] is not None)
 
 
+def client_port(pid, server_port):
+    """The local port of pid's TCP connection to the server."""
+    from ctunnellib import procfs, tcp
+    inodes = procfs.socket_inodes(pid)
+    for sock in tcp.TcpTable().connections(inodes, server_port, tcp.FAMILIES, time.monotonic()):
+        return sock.local_port
+    raise AssertionError("pid %d has no connection to port %d" % (pid, server_port))
+
+
+class Knocker:
+    """A user's client retrying the reverse port every 0.5 s (keeps a stale session busy)."""
+
+    def __init__(self, port):
+        self.port, self.running = port, True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        while self.running:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.4).close()
+            except OSError:
+                pass
+            time.sleep(0.5)
+
+    def stop(self):
+        self.running = False
+        self.thread.join()
+
+
+def fill(mount):
+    fd = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        while os.write(fd, b"\0" * 4096):
+            pass
+    except OSError:
+        pass                    # ENOSPC: full
+    finally:
+        os.close(fd)
+
+
 # --- the ssh server ---------------------------------------------------------
 
 class SshServer:
@@ -471,7 +512,7 @@ class Rig:
 
     def pid(self, name="pi"):
         with open(self.path(name, "pid")) as f:
-            return int(f.read())
+            return int(f.readline())     # the first line; then what was launched
 
     def ssh_pids(self):
         """Live ssh processes whose argv names this rig's state dir."""

@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from harness import (INSTALL, SshServer, as_user, ThrowawayUser, connect_read, descendants, end_pids,
+from harness import (INSTALL, Knocker, SshServer, as_user, client_port, ThrowawayUser, connect_read, descendants, end_pids,
                       free_port, pid_alive, pids_with_arg, run_ctunnel, run_recording_modules,
                       wait_for)
 
@@ -76,7 +76,7 @@ class Box:
 
     def pid(self):
         with open(self.state("pid")) as f:
-            return int(f.read())
+            return int(f.readline())     # the first line; then what was launched
 
     def clients(self):
         """Live dbclient processes of this box (their argv names its key)."""
@@ -203,6 +203,25 @@ def test_port_taken_on_the_server_is_one_clear_line_and_never_started(box, servi
         assert box.clients() == []
     finally:
         squatter.close()
+
+
+def test_a_port_another_box_of_the_login_holds_is_named_held_never_policy(make_user_server,
+                                                                          make_box, service):
+    """dbclient -B probes the port with its input held open: a listener keeps it, so a
+    port held by a live tunnel of the same (ordinary) login is held, not the policy's."""
+    server = make_user_server()
+    first, second = make_box(server), make_box(server)
+    second.remote = first.remote
+    first.write_config(service.port)
+    second.write_config(service.port)
+    assert first.run().returncode == 0
+    keeper = first.pid()
+    tick = second.run()
+    assert tick.returncode == 1
+    assert "Remote TCP forward request failed (port %d" % first.remote in tick.stderr
+    assert "held by another client of this login" in tick.stderr, tick.stderr
+    assert "policy" not in tick.stderr
+    assert first.pid() == keeper and pid_alive(keeper) and second.clients() == []
 
 
 def test_unknown_host_key_is_one_line_and_nothing_runs(sshd, make_box, service):
@@ -437,7 +456,6 @@ def test_a_stale_session_of_a_dbclient_tunnel_is_reclaimed(tmp_path, make_box, s
     """Power cut on the box: the server keeps the old session and its port (a user keeps
     it busy). dbclient's keepalive gives up; the next tick asks the server through
     dbclient, ends that stale session and starts the tunnel in the same tick."""
-    from test_stale import Knocker, client_port
     server = SshServer(str(tmp_path))
     rule, knocker = None, None
     try:

@@ -17,9 +17,9 @@ import time
 
 import pytest
 
-from harness import (CTUNNEL, SshServer, as_user, ctunnel_argv, ThrowawayUser, connect_read, end_pids, free_port,
-                      pid_alive, pids_with_arg, wait_for)
-from harness import good_section, run_ctunnel as run
+from harness import (CTUNNEL, SshServer, ThrowawayUser, as_user, connect_read, ctunnel_argv, fill,
+                     free_port, good_section, pid_alive, pids_with_arg, run_ctunnel as run,
+                     wait_for)
 
 from ctunnellib import ladder, procfs, statefiles
 
@@ -365,33 +365,6 @@ def test_a_section_name_with_blanks_is_refused(tmp_path, keyfile):
 
 # --- a full disk -------------------------------------------------------------------
 
-@pytest.fixture
-def full_disk():
-    """A tmpfs of 256 KB, filled: the state_dir of the test. Unmounted after."""
-    mount = tempfile.mkdtemp(prefix="ctf", dir="/tmp")
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs", mount],
-                   check=True)
-    try:
-        state = os.path.join(mount, "st")
-        os.makedirs(state, mode=0o700)
-        yield mount, state
-    finally:
-        end_pids(pids_with_arg(mount))      # the tunnel's ssh, before its dir goes
-        subprocess.run(["umount", "-l", mount], check=True)
-        os.rmdir(mount)
-
-
-def fill(mount):
-    fd = os.open(os.path.join(mount, "filler"), os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        while os.write(fd, b"\0" * 4096):
-            pass
-    except OSError:
-        pass                    # ENOSPC: full
-    finally:
-        os.close(fd)
-
-
 def test_a_full_disk_leaves_no_temp_files_and_no_relaunch_loop(rig, service, full_disk):
     mount, state = full_disk
     remote = free_port()
@@ -410,6 +383,16 @@ def test_a_full_disk_leaves_no_temp_files_and_no_relaunch_loop(rig, service, ful
     assert [n for n in os.listdir(state) if ".tmp" in n or n.count(".") > 1] == []
     assert pids_with_arg(state) == [ssh]                     # adopted, never doubled
     assert connect_read(remote) == service.greeting
+    # status shows what the tick adopted; stop ends it, and says at most what it
+    # could not write
+    status = rig.run("status")
+    assert "pi: healthy, pid %d" % ssh in status.stdout, status.stdout
+    stop = rig.run("stop")
+    assert stop.returncode == 0, stop.stderr
+    lines = stop.stderr.splitlines()
+    assert "pi: stopped (pid %d)" % ssh in lines[0] and len(lines) <= 2, lines
+    assert all("cannot write" in line for line in lines[1:]), lines
+    wait_for(lambda: not pid_alive(ssh), what="the tunnel's ssh to end")
 
 
 # --- output ----------------------------------------------------------------------------

@@ -330,7 +330,10 @@ def test_server_gone_silent_without_rst(make_rig, service, tmp_path, reclaim):
         wait_for(lambda: not port_accepts(remote), what="the stale session to end")
         tick = rig.run()
         assert tick.returncode == 0, tick.stderr
-        assert "pi: started (pid %d) after 1 failed attempt\n" % rig.pid() in tick.stderr
+        # one outage, one story: still the restart, for the reason it went down
+        assert "pi: restarted (%s) after 1 failed attempt\n" % gone in tick.stderr
+        state = json.load(open(rig.path("pi", "state")))
+        assert (state["restarts"], state["last_reason"]) == (1, gone)
         assert connect_read(remote) == service.greeting
     finally:
         server.stop()
@@ -602,8 +605,9 @@ def test_a_port_another_program_holds_is_named_as_held(rig, service):
         assert time.monotonic() - began < 4 * 2 + 2 + 5
         assert tick.returncode == 1
         assert " UP " not in tick.stderr and rig.ssh_pids() == []
+        # named for what it is: not a session of this login, and this is no Dropbear server
         assert "listen port %d (port %d on the server is held by another program or " \
-            "another user (a Dropbear server's" % (remote, remote) in tick.stderr
+            "another user (uid 0))" % (remote, remote) in tick.stderr
         assert pid_alive(os.getpid())
     finally:
         squatter.close()

@@ -16,7 +16,7 @@ import pytest
 
 from harness import make_tunnel
 
-from ctunnellib import cli, model, mux, programs, repair, report, tcp, tick
+from ctunnellib import cli, config, model, mux, programs, repair, report, tcp, tick
 from ctunnellib.clients import openssh
 
 FAKE_SSH = """#!/bin/sh
@@ -421,11 +421,30 @@ def test_the_kernel_filters_by_port_and_netlink_and_proc_agree(sockets):
      "the server still holds the port, or refuses it: ssh: connect to host vps port 22"),
 ])
 def test_a_refused_remote_port_is_classified(fake_ssh, rc, stderr, sleep, why):
+    """As after one launch again at once (a port free again is retried first)."""
     tunnel = fake_ssh(rc, stderr=stderr, sleep=sleep)
     said = "Error: remote port forwarding failed for listen port 1122"
-    reclaimed, text = repair.explain_held_port(tunnel, said)
-    assert reclaimed is None
+    again, text = repair.explain_held_port(tunnel, said, retried=[repair.FREE_AGAIN])
+    assert again is None
     assert text.startswith("%s (%s" % (said, why)), text
+
+
+def test_a_refused_port_that_nothing_holds_is_launched_again_once(fake_ssh):
+    """Released between ssh's refusal and ctunnel's look: no policy verdict yet."""
+    tunnel = fake_ssh(255, stderr="channel 0: open failed: connect failed: Connection refused")
+    said = "Error: remote port forwarding failed for listen port 1122"
+    assert repair.explain_held_port(tunnel, said) == (repair.FREE_AGAIN, None)
+
+
+@pytest.mark.parametrize("user,words", [("pi", "only root may listen below 1024 on the server, "
+                                             "and this tunnel logs in as pi"),
+                                        ("root", "the server's policy refuses the port")])
+def test_a_port_below_1024_is_named_for_what_it_is(fake_ssh, user, words):
+    tunnel = fake_ssh(255, stderr="connect failed: Connection refused")._replace(
+        user=user, remote_forward=(config.parse_forward("922:127.0.0.1:22"),))
+    said = "Error: remote port forwarding failed for listen port 922"
+    again, text = repair.explain_held_port(tunnel, said, retried=[repair.FREE_AGAIN])
+    assert again is None and words in text, text
 
 
 def test_other_failures_are_not_taken_for_a_held_port(fake_ssh):

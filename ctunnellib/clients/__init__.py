@@ -75,6 +75,16 @@ class Client:
         tunnel's key; return (status or None, stdout, stderr) as programs.run."""
         raise NotImplementedError
 
+    def run_on_link(self, tunnel, command, timeout):
+        """Run a shell command on the server over the running client's own connection
+        (its session there is the tunnel's); as run_command, or None if it cannot."""
+        return None
+
+    def login_user(self, tunnel):
+        """The user the tunnel logs in as on the server."""
+        import pwd
+        return tunnel.user or pwd.getpwuid(os.geteuid()).pw_name
+
     def dry_run(self, tunnel, out):
         """Write what a tick would run for this tunnel (for -n)."""
         raise NotImplementedError
@@ -107,19 +117,23 @@ def client_of(tunnel):
     return load(tunnel.client)
 
 
-def is_tunnel_process(pid, tunnel):
+def is_tunnel_process(pid, tunnel, launch=None):
     """Is pid this tunnel's client: ours, the client binary, this tunnel's token?
 
     The owner and /proc/PID/exe keep another user's look-alike, or a program
     that only calls itself ssh, from matching; the token a recycled PID.
+    launch: the pidfile's record (statefiles.Launch): the kind and program it
+    was launched as count, not those the config (or PATH) names now.
     """
-    return runs_program(pid, tunnel.ssh) and client_of(tunnel).owns(pid, tunnel)
+    kind = launch.client if launch and launch.client in KINDS else tunnel.client
+    program = launch.program if launch and launch.program else tunnel.ssh
+    return runs_program(pid, program) and load(kind).owns(pid, tunnel)
 
 
-def find_tunnel_processes(tunnel):
+def find_tunnel_processes(tunnel, launch=None):
     """Return the PIDs of every live client that is this tunnel's (scans /proc).
 
     Only the repair, stop and adoption need this: it finds a client whose
     pidfile was lost, which would otherwise hold the server's port forever.
     """
-    return find_processes(lambda pid: is_tunnel_process(pid, tunnel))
+    return find_processes(lambda pid: is_tunnel_process(pid, tunnel, launch))

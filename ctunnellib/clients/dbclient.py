@@ -15,11 +15,11 @@ import os
 import time
 
 from ..model import (DOWN, LINK, LISTENS, NOTHING_LISTENS, CANNOT_TELL, TARGET_DOWN, UNKNOWN,
-                     UP, Probe, Verdict, check_address, expand_home, forward_arg, state_path)
+                     UP, Probe, Verdict, check_address, expand_home, forward_arg)
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
                       check_listener, ms, target_listens)
 from ..procfs import cmdline, has_environ, kill_processes, process_stopped, socket_inodes
-from ..statefiles import log_since, log_size, trim_log, write_pidfile
+from ..statefiles import log_since, log_size, open_launch_log, write_pidfile
 from . import Client
 
 LAUNCH_TIMEOUT_FACTOR = 4   # dbclient may take this many check_timeouts to be up
@@ -258,8 +258,7 @@ def launch(tunnel):
                           else tunnel.host))
     argv = build_argv(tunnel, [_free_loopback_port() for _ in remotes(tunnel)])
     limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
-    start = trim_log(tunnel)
-    log = os.open(state_path(tunnel, "log"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    log, start = open_launch_log(tunnel, "dbclient")
     answers, ours = os.pipe()
     os.write(ours, NO_ANSWER)
     os.close(ours)
@@ -372,14 +371,16 @@ def key_is_openssh_format(path):
 # ---------------------------------------------------------------------------
 
 def probe_port(tunnel, address, port):
-    """dbclient -B address:port: a refused channel ends it at once ("closed"); one that
-    opened stays until our timeout."""
+    """dbclient -B address:port, its input held open: a refused channel ends it at once
+    ("Connection ... closed.", exit 0); one that opened stays until our timeout, or
+    brings what the listener says. (At the end of its input dbclient exits 0 either
+    way: the input must stay open while it tells.)"""
     from ..programs import last_line, run
-    rc, _, err = run(_login(tunnel) + ["-B", "%s:%d" % (address, port), tunnel.host],
-                     tunnel.check_timeout, NO_ANSWER, environment(tunnel))
-    if rc is None:
+    rc, out, err = run(_login(tunnel) + ["-B", "%s:%d" % (address, port), tunnel.host],
+                       tunnel.check_timeout, NO_ANSWER, environment(tunnel), hold_input=True)
+    if rc is None or out:
         return Probe(LISTENS)
-    if rc == 0:                 # the channel was closed at once ("Connection ... closed.")
+    if rc == 0 and "closed" in err:
         return Probe(NOTHING_LISTENS)
     return Probe(CANNOT_TELL, last_line(err) or "dbclient exited %d" % rc)
 

@@ -16,7 +16,8 @@ from ..mux import Channel, MuxClient, MuxError, MuxRefused, MuxTimeout, MuxVersi
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
                       check_listener, deadline, ms)
 from ..procfs import cmdline, socket_inodes
-from ..statefiles import LOG_MAX, log_since, log_size, trim_log, write_pidfile
+from ..statefiles import (LOG_MAX, log_since, log_size, open_launch_log, trim_log,
+                          write_pidfile)
 from . import Client
 
 LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
@@ -350,8 +351,7 @@ def launch_tunnel(tunnel):
     from ..programs import lines_said
     argv = build_launch_argv(tunnel)
     limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
-    start = trim_log(tunnel)        # what earlier ssh processes said stays, capped
-    log = os.open(state_path(tunnel, "log"), os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
+    log, start = open_launch_log(tunnel, "ssh")
     try:
         try:
             proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
@@ -475,6 +475,22 @@ def run_command(tunnel, command, timeout):
     return run(build_fresh_argv(tunnel, "-T", "--", tunnel.host, command), timeout)
 
 
+def run_on_link(tunnel, command, timeout):
+    """Run command on the server over the master's own connection."""
+    from ..programs import run
+    return run(build_mux_argv(tunnel, command), timeout)
+
+
+def login_user(tunnel):
+    """The user ssh logs in as: user, else what ssh_config says (ssh -G), else ours."""
+    if tunnel.user:
+        return tunnel.user
+    from ..programs import run
+    _, out, _ = run([tunnel.ssh, "-G"] + _target_args(tunnel) + ["--", tunnel.host], 5)
+    said = [line.split(None, 1)[1] for line in out.splitlines() if line.startswith("user ")]
+    return said[0] if said else Client.login_user(client, tunnel)
+
+
 def dry_run(tunnel, out):
     from ..programs import quote_argv
     out.write("# %s: checks over the control socket %s (no program run)\n"
@@ -499,6 +515,8 @@ class OpenSSH(Client):
     check_remote = staticmethod(check_remote_forward)
     probe_port = staticmethod(probe_port)
     run_command = staticmethod(run_command)
+    run_on_link = staticmethod(run_on_link)
+    login_user = staticmethod(login_user)
     dry_run = staticmethod(dry_run)
 
 
