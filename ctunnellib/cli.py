@@ -52,7 +52,7 @@ crontab:
 import sys
 
 from . import __version__
-from .config import find_config, load_config
+from .config import find_config, ignored_configs, load_config
 from .model import EXIT_DOWN, EXIT_OK, EXIT_USAGE, LOG_ERR, CtunnelError, UsageError
 from .report import Reporter
 
@@ -63,9 +63,11 @@ FLAGS = {"-n": "dry_run", "--dry-run": "dry_run", "-v": "verbose", "--verbose": 
 
 
 class Args:
-    """The parsed command line."""
+    """The parsed command line, and what main learns of the config for the commands:
+    its path, the configs the search path also found (ignored), every section name."""
     command, names, config, config_path = "check", (), None, None
     dry_run = verbose = quiet = json = help = version = False
+    ignored, sections = (), ()
 
 
 def parse_args(argv):
@@ -102,14 +104,15 @@ def parse_args(argv):
     return args
 
 
-def select_tunnels(tunnels, names, path, bad=()):
+def select_tunnels(tunnels, names, path, bad=(), orphans=()):
     """Return the tunnels named (all when none), or raise UsageError.
 
     A name in bad (a section with a config error, already reported) is left out.
+    orphans: tunnels no longer in the config that may be named too (for stop).
     """
     if not names:
         return tunnels
-    by_name = {t.name: t for t in tunnels}
+    by_name = {t.name: t for t in list(orphans) + list(tunnels)}
     names = [n for n in names if n not in bad]
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -130,13 +133,20 @@ def main(argv=None, script=None):
         return EXIT_OK
     reporter = Reporter(quiet=args.quiet)
     problems = {}
+    script = script or sys.argv[0]
     try:
-        path = find_config(args.config, script=script or sys.argv[0])
+        path = find_config(args.config, script=script)
         tunnels = load_config(path, problems)
         for name in sorted(problems):           # every tick: cron mails it until fixed
             reporter.event(LOG_ERR, "ctunnel: %s" % problems[name], stamp=False)
-        tunnels = select_tunnels(tunnels, args.names, path, problems)
         args.config_path = path
+        args.ignored = ignored_configs(path, args.config, script=script)
+        args.sections = {t.name for t in tunnels} | set(problems)
+        orphans = ()
+        if args.command == "stop" and set(args.names) - args.sections:
+            from .ladder import find_orphans
+            orphans = [ghost for ghost, _ in find_orphans(tunnels, args.sections)]
+        tunnels = select_tunnels(tunnels, args.names, path, problems, orphans)
     except CtunnelError as e:
         sys.stderr.write("ctunnel: %s\n" % e)
         return EXIT_USAGE

@@ -16,7 +16,7 @@ import os
 import stat
 
 from . import clients
-from .model import ConfigError, Forward, expand_home, record
+from .model import ConfigError, Forward, check_address, expand_home, record
 from .statefiles import untrusted
 
 CONFIG_NAME = "rstunnel.conf"
@@ -110,6 +110,10 @@ def parse_tunnel_name(text):
 def _required_host(text):
     if not text:
         raise ValueError("is missing (the ssh server or its ssh_config alias)")
+    name, colon, port = text.rpartition(":")
+    if colon and name and ":" not in name and _is_number(port):
+        raise ValueError('"%s" names a port: the port goes in a key of its own (host = %s and '
+                         'port = %s)' % (text, name, port))
     return parse_host(text)
 
 
@@ -165,6 +169,19 @@ def _readable_file(value):
     return path
 
 
+def _private_key(value):
+    """identity_file: a readable file that is not the public half of a key."""
+    path = _readable_file(value)
+    if path:
+        with open(path, "rb") as f:
+            head = f.read(64)
+        if path.endswith(".pub") or head.startswith((b"ssh-", b"ecdsa-", b"sk-")):
+            private = path[:-4] if path.endswith(".pub") else "the key without .pub"
+            raise ValueError('"%s" is the public half of a key: name its private key (%s)'
+                             % (value, private))
+    return path
+
+
 def _find_program(value):
     if not value:
         raise ValueError("is empty (the ssh client to run, e.g. ssh)")
@@ -203,7 +220,7 @@ KEYS = (
     Key("host", "", _required_host, ""),
     Key("user", "", _user, ""),
     Key("port", "", _optional(parse_port), ""),
-    Key("identity_file", "", _readable_file, "path"),
+    Key("identity_file", "", _private_key, "path"),
     Key("ssh_config", "", _readable_file, "path"),
     Key("remote_forward", "", _forwards("R"), "lines"),
     Key("local_forward", "", _forwards("L"), "lines"),
@@ -248,6 +265,17 @@ def config_candidates(script):
         expand_home("~/.config/ctunnel/" + CONFIG_NAME),
         "/etc/ctunnel/" + CONFIG_NAME,
     ]
+
+
+def ignored_configs(path, explicit=None, environ=None, script=None):
+    """The configs of the search path that exist besides path, the one in use.
+
+    None when the config was named (-c, $CTUNNEL_CONFIG): nothing was searched.
+    """
+    environ = os.environ if environ is None else environ
+    if explicit or environ.get(CONFIG_ENV):
+        return []
+    return [c for c in config_candidates(script) if c != path and os.path.exists(c)]
 
 
 def find_config(explicit=None, environ=None, script=None):
@@ -378,10 +406,41 @@ def load_config(path, problems=None):
             if problems is None:
                 raise
             problems[name] = str(e)
+    tunnels = _one_port_one_tunnel(path, tunnels, problems)
     if not tunnels and not problems:
         raise ConfigError("%s: no tunnels: add a [NAME] section with host and "
                           "remote_forward or local_forward" % path)
     return tunnels
+
+
+_WIDE_BINDS = ("*", "0.0.0.0", "::", "[::]")
+
+
+def _one_port_one_tunnel(path, tunnels, problems):
+    """Two sections cannot both listen on one port of one server: the later is a
+    problem (or the error) that names the earlier."""
+    held, kept = {}, []
+    for tunnel in tunnels:
+        clash = None
+        for forward in tunnel.remote_forward:
+            for other, theirs in held.get((tunnel.host, forward.port), ()):
+                if forward.bind in _WIDE_BINDS or theirs.bind in _WIDE_BINDS or \
+                        check_address(forward) == check_address(theirs):
+                    clash = clash or (forward, other, theirs)
+        if clash:
+            forward, other, theirs = clash
+            message = ("%s [%s]: remote_forward %s: port %d on %s is [%s]'s already "
+                       "(remote_forward %s); two tunnels cannot both hold it: give one of "
+                       "them another port" % (path, tunnel.name, forward.spec, forward.port,
+                                              tunnel.host, other.name, theirs.spec))
+            if problems is None:
+                raise ConfigError(message)
+            problems[tunnel.name] = message
+            continue
+        for forward in tunnel.remote_forward:
+            held.setdefault((tunnel.host, forward.port), []).append((tunnel, forward))
+        kept.append(tunnel)
+    return kept
 
 
 def load_tunnel(path, name, texts, memo=None):
@@ -464,7 +523,7 @@ def check_state_dir(value, name):
     if os.path.isdir(path):
         problem = untrusted(os.stat(path))
         if problem:
-            raise ValueError('"%s" is %s' % (value, problem % {"path": path}))
+            raise ValueError('"%s": %s' % (value, problem % {"path": path}))
     existing = path
     while not os.path.lexists(existing):
         existing = os.path.dirname(existing)

@@ -9,7 +9,7 @@ from .clients import client_of, find_tunnel_processes, is_tunnel_process
 from .model import (CONFIG_CHANGED, DOWN, GONE, NOT_OURS, NOT_RUNNING, PROCESS, UP, Verdict,
                     changed_settings)
 from .procfs import process_alive
-from .statefiles import read_launch, write_pidfile
+from .statefiles import pidfile_names, read_launch, write_pidfile
 from .tcp import TcpTable
 
 
@@ -74,6 +74,31 @@ def run_ladder(tunnel, launched=None, table=None, adopt=False, record=True):
         if verdicts[-1].state == DOWN:
             break
     return verdicts
+
+
+def find_orphans(tunnels, names):
+    """Tunnels no longer in the config whose client still runs: [(ghost, pid)].
+
+    A pidfile in a state_dir of the config, of a name that is no section of it
+    (names: all of them, bad ones too), whose process is that launch's client.
+    The ghost is a tunnel of the config in the same state_dir under the
+    orphan's name: which process is a tunnel's depends only on its state_dir,
+    its name and its launch record.
+    """
+    found, seen = [], set()
+    for tunnel in tunnels:
+        if tunnel.state_dir in seen:
+            continue
+        seen.add(tunnel.state_dir)
+        for name in sorted(pidfile_names(tunnel.state_dir)):
+            if name in names:
+                continue
+            ghost = tunnel._replace(name=name)
+            launch = read_launch(ghost)
+            if launch and process_alive(launch.pid) and \
+                    is_tunnel_process(launch.pid, ghost, launch):
+                found.append((ghost, launch.pid))
+    return found
 
 
 def for_each(items, work):

@@ -25,7 +25,7 @@ LAUNCH_MARK = "ctunnel: launching "
 # loses what has the wrong type, never the tick
 STATE_TYPES = {"restarts": int, "failures": int, "last_restart": int, "failure_said": int,
                "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict,
-               "outage": str, "session": dict, "notes": list}
+               "outage": str, "session": dict, "notes": list, "said": dict}
 
 # What the pidfile says of the process a tick launched: its PID, the client
 # kind and program it was launched as (which PATH or the config may have
@@ -35,13 +35,28 @@ Launch = record("Launch", "pid client program settings")
 
 
 def untrusted(st):
-    """Why a file or folder with this stat may not be trusted (a % template), or None."""
+    """Why a file or folder with this stat may not be trusted (a % template for its
+    path), or None. Trusted: this user's or root's, and nobody else may write it."""
     if st.st_uid not in (os.geteuid(), 0):
-        return "owned by uid %d, not by this user or root (chown %d %%(path)s)" \
-            % (st.st_uid, os.geteuid())
+        owner = user_name(st.st_uid)
+        return ("it belongs to %s (uid %d), not to you (%s): run ctunnel as %s, whose it is "
+                "(or, if it is yours to take, chown %s %%(path)s)"
+                % (owner, st.st_uid, user_name(os.geteuid()), owner, user_name(os.geteuid())))
+    if st.st_mode & 0o1002 == 0o1002:       # /tmp: anyone may create, nobody may remove
+        return ("it is shared: every user may create files there; use a folder of your own, "
+                "e.g. ~/.local/state/ctunnel")
     if st.st_mode & 0o022:
         return "group or others may write it (chmod go-w %(path)s)"
     return None
+
+
+def user_name(uid):
+    """The name of uid from the password database (its number if it has none)."""
+    import pwd
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return "uid %d" % uid
 
 
 def make_state_dir(tunnel):
@@ -49,7 +64,8 @@ def make_state_dir(tunnel):
     os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
     problem = untrusted(os.stat(tunnel.state_dir))
     if problem:
-        raise OSError(errno.EPERM, "state_dir %s" % problem % {"path": tunnel.state_dir})
+        raise OSError(errno.EPERM, "state_dir %s: %s" % (tunnel.state_dir, problem % {
+            "path": tunnel.state_dir}))
 
 
 def read_state_file(path, limit, start=None):
@@ -147,6 +163,14 @@ def read_state(tunnel):
         return {}
     return {k: v for k, v in state.items() if k in STATE_TYPES and
             isinstance(v, STATE_TYPES[k]) and not isinstance(v, bool)}
+
+
+def pidfile_names(state_dir):
+    """The tunnel names that have a pidfile in state_dir."""
+    try:
+        return [name[:-4] for name in os.listdir(state_dir) if name.endswith(".pid")]
+    except OSError:
+        return []
 
 
 def write_state(tunnel, state):
@@ -254,6 +278,22 @@ def trim_log(tunnel, keep=LOG_KEEP):
         return size
     finally:
         os.close(fd)
+
+
+def first_time(tunnel, topic, text):
+    """Is text news about topic for this tunnel (not said since it last changed)?
+    Records it as said. For warnings that the tick repeats to syslog only."""
+    state = read_state(tunnel)
+    said = state.get("said", {})
+    if said.get(topic) == text:
+        return False
+    said[topic] = text
+    state["said"] = said
+    try:
+        write_state(tunnel, state)
+    except OSError:
+        pass                    # a full disk: said again next time
+    return True
 
 
 def save_state(tunnel, state, events):

@@ -52,9 +52,19 @@ def cmd_status(tunnels, args, out):
     records = for_each(tunnels, lambda t: describe_tunnel(t, table))
     if args.json:
         import json
-        out.write(json.dumps({"config": args.config_path, "tunnels": records}, indent=2) + "\n")
+        from .ladder import find_orphans
+        orphans = [{"name": ghost.name, "pid": pid, "state_dir": ghost.state_dir}
+                   for ghost, pid in find_orphans(tunnels, args.sections)]
+        out.write(json.dumps({"config": args.config_path, "ignored": list(args.ignored),
+                              "orphans": orphans, "tunnels": records}, indent=2) + "\n")
     else:
         out.write(printable("config %s" % args.config_path) + "\n")
+        from .ladder import find_orphans
+        from .tick import ignored_line, orphan_line
+        if args.ignored:
+            out.write(printable("  " + ignored_line(args.config_path, args.ignored)) + "\n")
+        for ghost, pid in find_orphans(tunnels, args.sections):
+            out.write(printable("  " + orphan_line(ghost, pid, args.config_path)) + "\n")
         for r in records:
             out.write("\n".join(map(printable, _format_status(r).splitlines())) + "\n")
     return EXIT_OK if all(r["healthy"] for r in records) else EXIT_DOWN

@@ -7,8 +7,8 @@ no line. Only a DOWN loads the repair.
 from .ladder import for_each, run_ladder
 from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING,
                     TARGET_DOWN, UNKNOWN, UP, Event, Outcome, first_down)
-from .statefiles import (TunnelLock, make_state_dir, read_state, read_state_text,
-                         save_state)
+from .statefiles import (TunnelLock, first_time, make_state_dir, read_state,
+                         read_state_text, save_state)
 from .tcp import TcpTable
 
 
@@ -33,7 +33,37 @@ def cmd_check(tunnels, args, reporter):
         for event in outcome.events:
             reporter.event(event.level, event.text, event.stderr or args.verbose)
         healthy = healthy and outcome.healthy
+    for event in config_events(tunnels, args):
+        reporter.event(event.level, event.text, event.stderr or args.verbose)
     return EXIT_OK if healthy else EXIT_DOWN
+
+
+def config_events(tunnels, args):
+    """What the tick says about the config as a whole: other configs it ignores, and
+    tunnels gone from it whose client still runs. Each once on stderr (syslog every
+    tick); `status` always shows them."""
+    from .ladder import find_orphans
+    events = []
+    if args.ignored and tunnels:
+        text = ignored_line(args.config_path, args.ignored)
+        events.append(Event(LOG_WARNING, "ctunnel: " + text,
+                            first_time(tunnels[0], "ignored configs", text)))
+    for ghost, pid in find_orphans(tunnels, args.sections) if not args.names else ():
+        events.append(Event(LOG_WARNING, orphan_line(ghost, pid, args.config_path),
+                            first_time(ghost, "orphan", str(pid))))
+    return events
+
+
+def ignored_line(path, ignored):
+    return ("using %s; %s also exist%s, and %s ignored (only the first of the search path "
+            "counts: merge them into one)" % (path, ", ".join(ignored),
+                                              "s" if len(ignored) == 1 else "",
+                                              "it is" if len(ignored) == 1 else "they are"))
+
+
+def orphan_line(ghost, pid, path):
+    return ("%s: not in %s, but its ssh (pid %d) still runs: `ctunnel.py stop %s` ends it"
+            % (ghost.name, path, pid, ghost.name))
 
 
 def tick_tunnel(tunnel, verbose=False, table=None):

@@ -14,9 +14,10 @@ import sys
 
 import pytest
 
-from harness import CTUNNEL, good_section, install_copy, make_tunnel, run_ctunnel as run
+from harness import (CTUNNEL, ROOT, good_section, install_copy, make_tunnel,
+                     run_ctunnel as run)
 
-from ctunnellib import clients, config, model, procfs
+from ctunnellib import __version__, cli, clients, config, model, procfs
 from ctunnellib.clients import dbclient, openssh
 
 
@@ -172,6 +173,66 @@ def test_usage_errors_exit_2_and_help_exits_0():
     helped = run("--help")
     assert helped.returncode == 0 and "exit status:" in helped.stdout
     assert run("--version").stdout.startswith("ctunnel ")
+
+
+def test_help_lists_every_option_long_and_short_and_the_version_is_readmes():
+    helped = run("--help").stdout
+    for flag, option in cli.FLAGS.items():
+        assert flag in helped, flag
+    assert "-c CONF, --config CONF" in helped
+    version = run("--version").stdout.strip()
+    assert version == "ctunnel %s" % __version__
+    with open(os.path.join(ROOT, "README.md")) as f:
+        assert "`%s`" % version in f.read()
+
+
+BAD_SECTIONS = [
+    # (what, the section's text past {good}, the one line it gets)
+    ("public key", "identity_file = {key}.pub\n",
+     'identity_file "{key}.pub" is the public half of a key: name its private key ({key})'),
+    ("port in host", "host = 127.0.0.1:36201\n",
+     'host "127.0.0.1:36201" names a port: the port goes in a key of its own (host = '
+     '127.0.0.1 and port = 36201)'),
+]
+
+
+@pytest.mark.parametrize("what,text,line", BAD_SECTIONS, ids=[b[0] for b in BAD_SECTIONS])
+def test_a_mistake_gets_advice_that_is_right(tmp_path, keyfile, what, text, line):
+    (tmp_path / "key.pub").write_text("ssh-ed25519 AAAA me@box\n")
+    conf = tmp_path / "c.conf"
+    body = good_section(tmp_path, keyfile, identity_file=None, host=None)
+    conf.write_text("[pi]\n" + body + ("" if "identity" in text else "identity_file = %s\n"
+                                        % keyfile) + ("" if "host" in text else
+                                                      "host = example.invalid\n") +
+                    text.format(key=keyfile))
+    result = run("-c", str(conf), "-n")
+    assert (result.returncode, result.stderr) == (
+        2, "ctunnel: %s [pi]: %s\n" % (conf, line.format(key=keyfile)))
+
+
+def test_a_key_given_twice_says_how_to_give_several_values(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile) +
+                    "remote_forward = 2122:127.0.0.1:22\n")
+    result = run("-c", str(conf), "-n")
+    assert (result.returncode, result.stderr) == (
+        2, "ctunnel: %s: malformed config: line 6: remote_forward is set twice in [pi] (first "
+           "on line 3): give it once; several values (forwards, options) go one per line, the "
+           "further lines indented\n" % conf)
+
+
+def test_two_sections_with_one_server_port_are_an_error_naming_both(tmp_path, keyfile):
+    conf = tmp_path / "c.conf"
+    conf.write_text("[a]\n" + good_section(tmp_path, keyfile) + "[b]\n" +
+                    good_section(tmp_path, keyfile, remote_forward="0.0.0.0:1122:127.0.0.1:80") +
+                    "[c]\n" + good_section(tmp_path, keyfile, host="other.invalid"))
+    result = run("-c", str(conf), "-n")
+    assert result.returncode == 2
+    (line,) = [l for l in result.stderr.splitlines() if "[b]" in l]
+    assert line == ("ctunnel: %s [b]: remote_forward 0.0.0.0:1122:127.0.0.1:80: port 1122 on "
+                    "example.invalid is [a]'s already (remote_forward 1122:127.0.0.1:22); two "
+                    "tunnels cannot both hold it: give one of them another port" % conf)
+    assert result.stdout.count("checks over the control socket") == 2     # a and c still run
 
 
 def test_config_search_order(tmp_path):

@@ -80,8 +80,10 @@ def test_a_config_of_another_user_is_refused_for_root_and_for_a_user(tmp_path, k
     os.chown(str(conf), stranger.uid, stranger.gid)
     result = run("-c", str(conf), "-n")                     # root, a config of the stranger
     assert result.returncode == 2
-    assert "owned by uid %d, not by this user or root (chown 0 %s)" % (stranger.uid, conf) \
-        in result.stderr
+    # whose it is, by name, and the advice that is meant: run ctunnel as that user
+    assert "%s: it belongs to %s (uid %d), not to you (root): run ctunnel as %s, whose it is " \
+        "(or, if it is yours to take, chown root %s)" % (conf, stranger.name, stranger.uid,
+                                                         stranger.name, conf) in result.stderr
 
     top = tempfile.mkdtemp(prefix="ctu", dir="/tmp")        # the stranger, a config of nobody
     try:
@@ -94,7 +96,8 @@ def test_a_config_of_another_user_is_refused_for_root_and_for_a_user(tmp_path, k
         os.chown(theirs, 65534, 65534)
         result = run_as(stranger, "-c", theirs, "-n")
         assert result.returncode == 2
-        assert "owned by uid 65534, not by this user or root" in result.stderr
+        assert "it belongs to nobody (uid 65534), not to you (%s): run ctunnel as nobody" \
+            % stranger.name in result.stderr
         os.chown(theirs, 0, 0)                              # root's own: trusted
         os.chown(top, stranger.uid, stranger.gid)
         assert run_as(stranger, "-c", theirs, "-n").returncode == 0
@@ -114,8 +117,20 @@ def test_a_state_dir_others_control_is_refused(tmp_path, keyfile, stranger, how)
     conf.write_text("[pi]\n" + good_section(tmp_path, keyfile, state_dir=str(state)))
     result = run("-c", str(conf), "-n")
     assert result.returncode == 2 and result.stderr.count("\n") == 1
-    assert 'state_dir "%s" is ' % state in result.stderr
-    assert ("chmod go-w" if how == "world-writable" else "chown 0") in result.stderr
+    assert 'state_dir "%s": ' % state in result.stderr
+    assert ("chmod go-w %s)" % state if how == "world-writable" else
+            "run ctunnel as %s" % stranger.name) in result.stderr
+
+
+def test_a_shared_folder_as_state_dir_gets_advice_that_is_safe(tmp_path, keyfile):
+    """/tmp: anyone may create files there. Not "chmod go-w /tmp": a folder of your own."""
+    conf = tmp_path / "c.conf"
+    conf.write_text("[pi]\n" + good_section(tmp_path, keyfile, state_dir="/tmp"))
+    result = run("-c", str(conf), "-n")
+    assert result.returncode == 2
+    assert result.stderr == ('ctunnel: %s [pi]: state_dir "/tmp": it is shared: every user may '
+                             "create files there; use a folder of your own, e.g. "
+                             "~/.local/state/ctunnel\n" % conf)
 
 
 @pytest.mark.parametrize("source", ["fifo", "/dev/zero"])

@@ -14,8 +14,9 @@ import subprocess
 import tempfile
 import time
 
-from harness import (Service, ThrowawayUser, connect_read, ctunnel_argv, descendants,
-                     free_port, pid_alive, pids_with_arg, run_ctunnel, wait_for)
+from harness import (BOX_PYTHON, Service, ThrowawayUser, as_user, connect_read, ctunnel_argv,
+                     descendants, free_port, install_copy, pid_alive, pids_with_arg,
+                     run_ctunnel, wait_for)
 
 
 def private_known_hosts(rig):
@@ -211,4 +212,66 @@ def test_a_held_port_with_a_dbclient_box_user_is_never_called_policy(make_user_s
         for pid in pids_with_arg(box.home):
             os.kill(pid, signal.SIGKILL)
         box.remove()
+        shutil.rmtree(top, ignore_errors=True)
+
+
+def test_a_tunnel_gone_from_the_config_whose_ssh_runs_is_said_once_and_stop_ends_it(
+        rig, service):
+    ports = [free_port(), free_port()]
+    sections = ["[%s]\nremote_forward = %d:127.0.0.1:%d\n" % (name, port, service.port)
+                for name, port in zip(("a", "b"), ports)]
+    rig.write_config(name="DEFAULT")
+    with open(rig.conf, "a") as f:
+        f.write("".join(sections))
+    assert rig.run().returncode == 0
+    orphan = rig.pid("b")
+    with open(rig.conf) as f:
+        text = f.read()
+    with open(rig.conf, "w") as f:
+        f.write(text.replace(sections[1], ""))          # [b] deleted before any stop
+    tick = rig.run()
+    assert tick.returncode == 0
+    assert tick.stderr.rstrip().endswith(
+        "b: not in %s, but its ssh (pid %d) still runs: `ctunnel.py stop b` ends it"
+        % (rig.conf, orphan)), tick.stderr
+    assert rig.run().stderr == ""                        # said once (syslog: every tick)
+    assert "b: not in %s, but its ssh (pid %d)" % (rig.conf, orphan) in rig.run("status").stdout
+    stop = rig.run("stop", "b")
+    assert stop.returncode == 0 and "b: stopped (pid %d)" % orphan in stop.stderr, stop.stderr
+    wait_for(lambda: not pid_alive(orphan), what="the orphan's ssh to end")
+    assert pid_alive(rig.pid("a")) and connect_read(ports[0]) == service.greeting
+
+
+def test_two_configs_on_the_search_path_are_a_word_once_and_in_status_always(tmp_path):
+    """rstunnel.conf beside ctunnel.py wins over ~/.config/ctunnel/rstunnel.conf: the
+    tick says which it uses and which it ignores, once; status says it every time."""
+    top = tempfile.mkdtemp(prefix="ctc", dir="/tmp")
+    os.chmod(top, 0o755)
+    user = ThrowawayUser(os.path.join(top, "home"))
+    try:
+        folder = os.path.join(top, "opt")
+        os.mkdir(folder)
+        script = install_copy(folder)
+        beside = os.path.join(folder, "rstunnel.conf")
+        home_conf = os.path.join(user.home, ".config", "ctunnel", "rstunnel.conf")
+        os.makedirs(os.path.dirname(home_conf))
+        for path, name in ((beside, "new"), (home_conf, "old")):
+            with open(path, "w") as f:
+                f.write("[%s]\nhost = 127.0.0.1\nport = 1\ncheck_timeout = 1\nremote_forward "
+                        "= %d:127.0.0.1:22\nstate_dir = %s\n" % (name, free_port(),
+                                                                  os.path.join(user.home, "st")))
+        subprocess.run(["chown", "-R", "%d:%d" % (user.uid, user.gid), user.home], check=True)
+        cron = {"HOME": user.home, "PATH": "/usr/bin:/bin"}
+
+        def as_cron(*args):
+            return subprocess.run(as_user(user) + [BOX_PYTHON, script] + list(args), env=cron,
+                                  capture_output=True, text=True, timeout=60)
+        said = "ctunnel: using %s; %s also exists, and it is ignored" % (beside, home_conf)
+        first, second = as_cron(), as_cron()
+        assert said in first.stderr and "new: start failed" in first.stderr, first.stderr
+        assert said not in second.stderr
+        assert said[len("ctunnel: "):] in as_cron("status").stdout
+        assert "old" not in as_cron("status").stdout.replace(home_conf, "")
+    finally:
+        user.remove()
         shutil.rmtree(top, ignore_errors=True)
