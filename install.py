@@ -25,13 +25,16 @@ answer exits 2 naming its flag. A tunnel of the same name in the config is
 replaced only after a yes, or with --replace.
 
 exit status:
-  0    the tunnel is set up and up
+  0    the tunnel is set up and up, and cron keeps it
   1    setup stopped, or the first tick failed (the reason is printed)
   2    usage error or a missing or bad answer with --yes
+  3    the tunnel is up, but nothing keeps it yet: there is no crontab program, or
+       adding the line failed; do what the wizard printed
   130  interrupted
 """
 
 import argparse
+import glob
 import os
 import pwd
 import re
@@ -48,6 +51,7 @@ sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 # ctunnel's own package, beside this file: its parsing and checks are reused
 from ctunnellib import clients, config, model  # noqa: E402
 from ctunnellib.clients import dbclient  # noqa: E402
+from ctunnellib.probes import packed_ip  # noqa: E402
 
 CTUNNEL_PY = os.path.join(os.path.dirname(os.path.realpath(__file__)), "ctunnel.py")
 DEFAULT_KEY = "~/.ssh/ctunnel_%s_ed25519"     # one key per tunnel, by its name
@@ -144,6 +148,9 @@ class Asker:
 
 def parse_target(text):
     """host:port on this side of a reverse forward (e.g. 127.0.0.1:22)."""
+    host, colon, port = text.strip().rpartition(":")
+    if colon and port.isdigit():
+        config.parse_port(port)             # says "is not a port (use 1-65535)"
     try:
         return config.parse_forward("1:" + text.strip()).spec[2:]
     except ValueError:
@@ -196,8 +203,11 @@ def default_config_path():
 
 
 def default_name(host, taken=()):
-    """A name from the host, made unique among the tunnels already configured."""
-    label = re.sub(r"[^A-Za-z0-9_-]", "-", host.split(".")[0]) or "tunnel"
+    """A name from the host (tunnel-10-0-0-5 for an address), unique in the config."""
+    if packed_ip(host.strip("[]")):
+        label = "tunnel-" + re.sub(r"[^0-9A-Fa-f]+", "-", host.strip("[]")).strip("-")
+    else:
+        label = re.sub(r"[^A-Za-z0-9_-]", "-", host.split(".")[0]) or "tunnel"
     try:
         config.parse_tunnel_name(label)
     except ValueError:
@@ -223,6 +233,63 @@ def local_user():
     return pwd.getpwuid(os.getuid()).pw_name
 
 
+def state_dir_of(path):
+    """The state_dir the config at path gives its tunnels ([DEFAULT], else ctunnel's)."""
+    value = config.DEFAULTS["state_dir"]
+    if path and os.path.exists(path):
+        try:
+            value = config.read_config(path)[0].get("state_dir", value) or value
+        except model.ConfigError:
+            pass
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(path or ".")),
+                                         model.expand_home(value)))
+
+
+def name_parser(plan):
+    """A tunnel name, as the config will take it: its files must fit in its state_dir."""
+    def parse(text):
+        name = config.parse_tunnel_name(text)
+        try:
+            config.check_state_dir(state_dir_of(plan.config), name)
+        except ValueError as e:
+            if "too long" not in str(e):
+                return name                 # state_dir itself: said when the config is read
+            raise ValueError('"%s" is too long for state_dir %s: its control socket would '
+                             'pass the %d bytes a socket path may have; choose a shorter '
+                             'name' % (name, state_dir_of(plan.config),
+                                       config.SOCKET_PATH_MAX))
+        return name
+    return parse
+
+
+def free_server_port(plan, port):
+    """Return port, or raise ValueError when another tunnel of the config to this server
+    holds it (the tunnel this run replaces may keep its own)."""
+    for t in configured_tunnels(plan.config).values():
+        if t.name != plan.name and t.host == plan.host and \
+                port in [f.port for f in t.remote_forward]:
+            raise ValueError("port %d on %s is [%s]'s already: choose another port"
+                             % (port, plan.host, t.name))
+    return port
+
+
+def reverse_spec_parser(plan):
+    """A -R spec (or nothing) whose server port is free in the config."""
+    def parse(text):
+        if not text.strip():
+            return ""
+        forward = config.parse_forward(text)
+        free_server_port(plan, forward.port)
+        return forward.spec
+    return parse
+
+
+def last_tunnel(path):
+    """The config's last tunnel (its server, port and user are a re-run's defaults)."""
+    tunnels = list(configured_tunnels(path).values())
+    return tunnels[-1] if tunnels else None
+
+
 # ---------------------------------------------------------------------------
 # The questions
 # ---------------------------------------------------------------------------
@@ -239,24 +306,28 @@ def ask_plan(args, asker):
         raise Abort("--ssh-config: %s is Dropbear's dbclient, which reads no ssh_config"
                     % p.ssh, 2)
     asker.say("ctunnel setup: a tunnel from this box to an ssh server, kept up by cron.\n")
+    p.config = args.config or default_config_path()     # asked below; known for defaults
+    last = last_tunnel(p.config)                        # a re-run: its server by default
     while True:
         p.host = asker.ask("ssh server (name, IP or ssh_config alias)",
-                           parse=config.parse_host, preset=args.host, flag="--host")
-        p.port = asker.ask("its ssh port", "22", config.parse_port, args.port, "--port")
+                           last.host if last else None, config.parse_server, args.host,
+                           "--host")
+        p.port = asker.ask("its ssh port", str(last.port or 22) if last else "22",
+                           config.parse_port, args.port, "--port")
         if not asker.interactive or args.host is not None:
             break                   # checked once every flag is known to be good
         problem, _ = reach_server(p)
         if not problem:
             break
         asker.say("  %s; try again." % problem)
-    p.user = asker.ask("login user on the server", local_user(),
+    p.user = asker.ask("login user on the server", last.user or local_user() if last and
+                       last.host == p.host else local_user(),
                        lambda s: config.parse_host(s, "user"), args.user, "--user")
-    p.config = args.config or default_config_path()     # asked below; known for the name
     taken = configured_tunnels(p.config)
-    p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
-                       config.parse_tunnel_name, args.name, "--name")
+    p.name = asker.ask("name of this tunnel", default_name(p.host, taken), name_parser(p),
+                       args.name, "--name")
     confirm_replace(p, args, asker)
-    p.remote, p.local = ask_forwards(args, asker)
+    p.remote, p.local = ask_forwards(args, asker, p)
     if asker.interactive and args.identity_file is None:
         asker.say("\n" + KEY_WHY)
     p.key = asker.ask("key file, existing or to be created", DEFAULT_KEY % p.name,
@@ -264,8 +335,11 @@ def ask_plan(args, asker):
     p.config = asker.ask("write the config to", p.config, parse_config_path,
                          args.config, "--config")
     confirm_replace(p, args, asker)             # again, if another file was chosen
-    p.cron = False
-    if shutil.which("crontab"):
+    name_parser(p)(p.name)                      # and its state_dir
+    p.cron = None                               # no crontab program: said at the end
+    if args.cron is False:
+        p.cron = False                          # --no-cron: the user keeps it otherwise
+    elif shutil.which("crontab"):
         p.cron = asker.confirm("add the crontab line that checks the tunnel every minute?",
                                True, args.cron)
     elif args.cron:
@@ -287,8 +361,7 @@ def confirm_replace(p, args, asker):
         if not asker.interactive or args.name is not None:
             raise Abort("%s; give --replace to replace it, or another --name" % what, 2)
         taken = configured_tunnels(p.config)
-        p.name = asker.ask("name of this tunnel", default_name(p.host, taken),
-                           config.parse_tunnel_name)
+        p.name = asker.ask("name of this tunnel", default_name(p.host, taken), name_parser(p))
 
 
 def reach_server(plan):
@@ -319,11 +392,13 @@ def server_kind(banner):
     return "dropbear" if banner.lower().startswith(b"ssh-2.0-dropbear") else "openssh"
 
 
-def ask_forwards(args, asker):
+def ask_forwards(args, asker, plan):
     """Return (remote specs, local specs); at least one forward in all."""
     if args.remote_forward or args.local_forward:
-        return (_flag_specs(asker, "--remote-forward", args.remote_forward),
-                _flag_specs(asker, "--local-forward", args.local_forward))
+        return (_flag_specs(asker, "--remote-forward", args.remote_forward,
+                            reverse_spec_parser(plan)),
+                _flag_specs(asker, "--local-forward", args.local_forward,
+                            lambda text: config.parse_forward(text, "L").spec))
     if not asker.interactive:
         raise Abort("missing answer: what to forward (give --remote-forward or "
                     "--local-forward)", 2)
@@ -332,27 +407,28 @@ def ask_forwards(args, asker):
         asker.say("\nA reverse forward makes a port on the server lead to this side, e.g. "
                   "the server's 1122 to this box's ssh (127.0.0.1:22).")
         if asker.confirm("expose a port of this box on the server (reverse forward)?", True):
-            port = asker.ask("  port on the server", DEFAULT_REMOTE_PORT, config.parse_port)
+            port = asker.ask("  port on the server", DEFAULT_REMOTE_PORT,
+                             lambda text: free_server_port(plan, config.parse_port(text)))
             target = asker.ask("  leads to host:port on this side", DEFAULT_TARGET,
                                parse_target)
             remote.append("%d:%s" % (port, target))
             remote += _more_specs(asker, "  another reverse forward [bind:]port:host:hostport"
-                                         " (empty: done)")
-        local += _more_specs(asker, "local forward [bind:]port:host:hostport (empty: none)")
+                                         " (empty: done)", reverse_spec_parser(plan))
+        local += _more_specs(asker, "local forward [bind:]port:host:hostport (empty: none)",
+                             parse_forward_or_empty)
         if remote or local:
             return remote, local
         asker.say("  A tunnel needs at least one forward.")
 
 
-def _flag_specs(asker, flag, specs):
-    return [asker.ask(flag, parse=config.parse_forward, preset=spec, flag=flag).spec
-            for spec in specs or []]
+def _flag_specs(asker, flag, specs, parse):
+    return [asker.ask(flag, parse=parse, preset=spec, flag=flag) for spec in specs or []]
 
 
-def _more_specs(asker, question):
+def _more_specs(asker, question, parse):
     specs = []
     while True:
-        spec = asker.ask(question, "", parse_forward_or_empty)
+        spec = asker.ask(question, "", parse)
         if not spec:
             return specs
         specs.append(spec)
@@ -480,11 +556,15 @@ def install_key(plan, asker, preset):
         argv = ssh_base(plan, batch=False) + batch + \
             ["--", plan.host, "umask 077; mkdir -p .ssh && cat >> .ssh/authorized_keys"]
         stdin = open(plan.key + ".pub")
+    leftovers = set(glob.glob(os.path.expanduser("~/.ssh/ssh-copy-id.*")))
     try:
         done = subprocess.run(argv, stdin=stdin, stderr=subprocess.PIPE, text=True)
     finally:
         if stdin is not None and stdin is not subprocess.DEVNULL:
             stdin.close()
+        # ssh-copy-id interrupted (Ctrl-C at its password prompt) leaves its temp folder
+        for path in set(glob.glob(os.path.expanduser("~/.ssh/ssh-copy-id.*"))) - leftovers:
+            shutil.rmtree(path, ignore_errors=True)
     if done.returncode != 0:
         said = [l for l in done.stderr.splitlines() if l.strip()]
         raise Abort("%s failed (exit %d): %s" % (os.path.basename(argv[0]), done.returncode,
@@ -768,12 +848,46 @@ def cron_line(path):
     return "* * * * * " + command
 
 
+def keep(plan, asker):
+    """The step that keeps the tunnel up: the crontab line. Return whether it is done
+    (or the user chose to do it otherwise); if it cannot be, say what to do instead."""
+    line = cron_line(plan.config)
+    if plan.cron is False:
+        asker.say("No crontab line, as you said. ctunnel keeps the tunnel only while "
+                  "something runs it every minute, e.g. this crontab line: %s" % line)
+        return True
+    problem = "there is no crontab program here" if plan.cron is None else None
+    if not problem:
+        try:
+            install_cron(line, asker)
+            return True
+        except Abort as e:
+            problem = str(e)
+    asker.say("\nNothing keeps the tunnel up yet: %s. To keep it, on this box:" % problem)
+    for way in ways_to_keep(line):
+        asker.say("  - " + way)
+    return False
+
+
+def ways_to_keep(line):
+    """What runs a tick every minute on this box, where there is no crontab program."""
+    command = line.split(None, 5)[5]
+    user = local_user()
+    ways = ["add this line to your crontab by hand: %s" % line]
+    if os.path.exists("/etc/openwrt_release"):
+        ways.append("OpenWrt: add it to /etc/crontabs/%s, then enable and start crond: "
+                    "/etc/init.d/cron enable && /etc/init.d/cron start (see "
+                    "cron/openwrt-crontab)" % user)
+    if os.path.isdir("/run/systemd/system"):
+        folder = os.path.join(os.path.dirname(CTUNNEL_PY), "cron")
+        ways.append("systemd: copy %s/ctunnel.service and ctunnel.timer to "
+                    "/etc/systemd/system/, set ExecStart=%s and User=%s in the service, then "
+                    "systemctl enable --now ctunnel.timer" % (folder, command, user))
+    return ways
+
+
 def install_cron(line, asker):
-    """Add line to the user's crontab unless it is there already."""
-    if not shutil.which("crontab"):
-        asker.say("No crontab program here: add the line by hand, or use the systemd timer "
-                  "in cron/. The line: %s" % line)
-        return
+    """Add line to the user's crontab unless it is there already; Abort if it cannot."""
     current = subprocess.run(["crontab", "-l"], stdin=subprocess.DEVNULL,
                              capture_output=True, text=True)
     if current.returncode != 0 and "no crontab" not in current.stderr.lower():
@@ -937,22 +1051,41 @@ def setup(args, asker):
     steps = STEPS[plan.client]
     steps.ensure_host_key(plan, asker, args.accept_host_key)
     steps.ensure_key(plan, asker)
-    steps.install_key(plan, asker, args.install_key)
-    steps.prove_login(plan)
-    asker.say("Login with the key works.")
+    log_in(plan, asker, steps, args)
     steps.check_server(plan, asker)
     write_config(plan)
     asker.written = plan.config
     asker.say("Wrote [%s] to %s (mode 600)." % (plan.name, plan.config))
-    if plan.cron:
-        install_cron(cron_line(plan.config), asker)
+    kept = keep(plan, asker)
     precompile(asker)
     asker.say(server_advice(plan))
     asker.say("\nFirst tick:")
     tick = subprocess.run([sys.executable, CTUNNEL_PY, "-c", plan.config, "check", plan.name])
     subprocess.run([sys.executable, CTUNNEL_PY, "-c", plan.config, "status", plan.name])
     asker.say("\nCheck it any time with: %s -c %s status" % (CTUNNEL_PY, plan.config))
-    return 0 if tick.returncode == 0 else 1
+    if tick.returncode != 0:
+        return 1
+    if not kept:
+        asker.say("\nThe tunnel is up, but nothing keeps it up yet: see above.")
+        return 3
+    return 0
+
+
+def log_in(plan, asker, steps, args):
+    """Install the key and prove a login with it. A refused login at a terminal asks
+    for the login user again (the other answers stand), and tries once more."""
+    for attempt in range(3):
+        try:
+            steps.install_key(plan, asker, args.install_key)
+            steps.prove_login(plan)
+            asker.say("Login with the key works.")
+            return
+        except Abort as e:
+            if not asker.interactive or args.user is not None or attempt == 2:
+                raise
+            asker.say("  %s" % e)
+            plan.user = asker.ask("login user on the server (the other answers stand)",
+                                  plan.user, lambda s: config.parse_host(s, "user"))
 
 
 def main(argv=None):

@@ -107,7 +107,8 @@ def parse_tunnel_name(text):
     return text
 
 
-def _required_host(text):
+def parse_server(text):
+    """The host key: an ssh destination, required, without a port in it."""
     if not text:
         raise ValueError("is missing (the ssh server or its ssh_config alias)")
     name, colon, port = text.rpartition(":")
@@ -217,7 +218,7 @@ def _positive(integer):
 # PATH; "lines": several values, one per line
 Key = record("Key", "name default parse how")
 KEYS = (
-    Key("host", "", _required_host, ""),
+    Key("host", "", parse_server, ""),
     Key("user", "", _user, ""),
     Key("port", "", _optional(parse_port), ""),
     Key("identity_file", "", _private_key, "path"),

@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -32,14 +33,17 @@ DEADLINE = 20.0   # seconds any awaited condition may take before the test fails
 
 # --- small helpers ----------------------------------------------------------
 
-def wait_for(condition, timeout=DEADLINE, what="condition"):
-    """Poll condition() until it returns something true; fail after timeout."""
+def wait_for(condition, timeout=DEADLINE, what="condition", cleanup=None):
+    """Poll condition() until it returns something true; fail after timeout (having
+    called cleanup, if given: e.g. end what was waited for)."""
     deadline = time.monotonic() + timeout
     while True:
         value = condition()
         if value:
             return value
         if time.monotonic() > deadline:
+            if cleanup:
+                cleanup()
             raise AssertionError("timed out after %.0fs waiting for %s" % (timeout, what))
         time.sleep(0.05)
 
@@ -135,10 +139,37 @@ def as_user(user):
     return ["setpriv", "--reuid=%d" % uid, "--regid=%d" % gid, "--clear-groups"]
 
 
+_shared = {}
+
+
+def shared_install():
+    """A copy of the install that every user may read, made once per test run: what
+    tests run as throwaway users run, wherever the clone is (under a 0700 home, say).
+    Returns its folder; removed when the run ends."""
+    if "folder" not in _shared:
+        import atexit
+        top = tempfile.mkdtemp(prefix="ctinst", dir="/tmp")
+        os.chmod(top, 0o755)
+        install_copy(top)
+        # compiled once, as root: the users' ticks then load bytecode, as on a box
+        subprocess.run([BOX_PYTHON, "-m", "compileall", "-q", os.path.join(top, "ctunnellib")],
+                       check=True)
+        for path in (top, os.path.join(top, "ctunnellib")):
+            for name in os.listdir(path):
+                os.chmod(os.path.join(path, name), 0o755 if os.path.isdir(
+                    os.path.join(path, name)) else 0o644)
+        atexit.register(shutil.rmtree, top, True)
+        _shared["folder"] = top
+    return _shared["folder"]
+
+
 def ctunnel_argv(*args, user=None, python=None):
-    """The argv that runs ctunnel.py, optionally as user (see as_user)."""
-    return (as_user(user) if user is not None else []) + \
-        [python or sys.executable, CTUNNEL] + list(args)
+    """The argv that runs ctunnel.py; as user (see as_user): the shared install, with
+    the box's python, which that user can read and run."""
+    if user is None:
+        return [python or sys.executable, CTUNNEL] + list(args)
+    return as_user(user) + [python or BOX_PYTHON,
+                            os.path.join(shared_install(), "ctunnel.py")] + list(args)
 
 
 def install_copy(folder):
@@ -173,8 +204,9 @@ def run_recording_modules(*args, user=None, env=None):
     the modules it loaded beyond those the interpreter loads by itself)."""
     startup = subprocess.run([BOX_PYTHON, "-c", "import sys; print(' '.join(sys.modules))"],
                              capture_output=True, text=True, check=True).stdout.split()
+    script = os.path.join(shared_install(), "ctunnel.py") if user else CTUNNEL
     result = subprocess.run((as_user(user) if user else []) +
-                            [BOX_PYTHON, "-c", _RECORD, CTUNNEL] + list(args),
+                            [BOX_PYTHON, "-c", _RECORD, script] + list(args),
                             capture_output=True, text=True, stdin=subprocess.DEVNULL,
                             timeout=60, env=env)
     said = [line for line in result.stderr.splitlines() if line.startswith("MODULES ")]

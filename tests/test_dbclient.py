@@ -10,13 +10,12 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
-from harness import (INSTALL, Knocker, SshServer, as_user, client_port, ThrowawayUser, connect_read, descendants, end_pids,
+from harness import (BOX_PYTHON, Knocker, shared_install, SshServer, as_user, client_port, ThrowawayUser, connect_read, descendants, end_pids,
                       free_port, pid_alive, pids_with_arg, run_ctunnel, run_recording_modules,
                       wait_for)
 
@@ -368,7 +367,6 @@ def test_a_dead_target_is_TARGET_DOWN_said_once_and_never_restarted(box):
 
 
 # the wizard runs its ticks with its own interpreter: one a box user may run
-BOX_PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 
 
 @pytest.mark.parametrize("client", ["ssh", "dbclient"])
@@ -402,7 +400,8 @@ def test_the_wizard_sets_up_a_tunnel_to_a_dropbear_server(client, service):
         remote = free_port()
         box.conf = os.path.join(box.home, "c.conf")
         wizard = subprocess.run(
-            as_box + [BOX_PYTHON, INSTALL, "--yes", "--host", "127.0.0.1", "--port",
+            as_box + [BOX_PYTHON, os.path.join(shared_install(), "install.py"), "--yes",
+                      "--host", "127.0.0.1", "--port",
                       str(server.port), "--user", server.user, "--name", "cam",
                       "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
                       "--accept-host-key", "--install-key", "--no-cron", "--config",

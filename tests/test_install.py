@@ -12,6 +12,7 @@ import pty
 import re
 import select
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -50,7 +51,7 @@ else:
 class Box:
     """A fresh box: a HOME of its own, a fake crontab, an agent, a server to reach."""
 
-    def __init__(self, tmp, session_path=None):
+    def __init__(self, tmp, session_path=None, extra=()):
         self.tmp = tmp
         self.home = os.path.join(tmp, "home")
         self.server_home = os.path.join(tmp, "srvhome")
@@ -58,7 +59,7 @@ class Box:
         os.makedirs(os.path.join(self.server_home, ".ssh"))
         os.makedirs(os.path.join(tmp, "sshd"))
         self.server = SshServer(os.path.join(tmp, "sshd"), home=self.server_home,
-                                session_path=session_path)
+                                session_path=session_path, extra=extra)
         # the wizard's own ssh settings: a known_hosts that starts empty
         self.known_hosts = os.path.join(tmp, "known_hosts")
         self.ssh_config = os.path.join(tmp, "ssh_config")
@@ -162,14 +163,17 @@ class Terminal:
         os.write(self.fd, raw)
 
     def wait(self, timeout=90):
-        """Read to the end; return the exit status."""
+        """Read to the end; return the exit status. The wizard must end by the deadline
+        (it is killed then, and the test fails): no wait here is without one."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and self._read(deadline - time.monotonic()):
             pass
-        _, status = os.waitpid(self.pid, 0)
+        pid, status = wait_for(lambda: [r for r in [os.waitpid(self.pid, os.WNOHANG)] if r[0]],
+                               max(1.0, deadline - time.monotonic()) + 5,
+                               what="the wizard to end",
+                               cleanup=lambda: os.kill(self.pid, signal.SIGKILL))[0]
         os.close(self.fd)
-        return os.waitstatus_to_exitcode(status) if hasattr(os, "waitstatus_to_exitcode") \
-            else (status >> 8)
+        return os.waitstatus_to_exitcode(status)
 
 
 def wizard(box, *flags):
@@ -185,7 +189,7 @@ def test_wizard_from_fresh_box_to_bytes_flowing(box, service):
     t.expect(r'"not-a-port" is not a port \(use 1-65535\); try again.')
     t.answer(r"its ssh port \[22\]: ", str(box.server.port))
     t.answer(r"login user on the server \[%s\]: " % re.escape(box.server.user), "")
-    t.answer(r"name of this tunnel \[127\]: ", "pi")
+    t.answer(r"name of this tunnel \[tunnel-127-0-0-1\]: ", "pi")
     t.answer(r"expose a port of this box on the server \(reverse forward\)\? \[Y/n\]: ", "")
     t.answer(r"port on the server \[1122\]: ", str(remote))
     t.answer(r"leads to host:port on this side \[127.0.0.1:22\]: ", "127.0.0.1:%d" % service.port)
@@ -429,7 +433,7 @@ def test_key_is_installed_over_ssh_when_there_is_no_ssh_copy_id(box, service):
          "--config", box.config, "--accept-host-key"],
         env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=90)
     assert result.returncode == 0, result.stdout + result.stderr
-    key = os.path.join(box.home, ".ssh", "ctunnel_127_ed25519.pub")
+    key = os.path.join(box.home, ".ssh", "ctunnel_tunnel-127-0-0-1_ed25519.pub")
     assert open(key).read().split()[1] in box.authorized()
     assert connect_read(remote) == service.greeting
     assert not os.path.exists(box.crontab)
@@ -498,8 +502,10 @@ def test_a_failing_tool_is_one_line_not_a_traceback(box):
 
 
 def test_second_tunnel_through_the_wizard_never_replaces_silently(box, service):
-    """A second run against the same server: a free default name and a key of its own;
-    naming the first tunnel asks before replacing it. No crontab program: not asked."""
+    """A second run against the same server: the first one's server and port by default,
+    a free default name and a key of its own; naming the first tunnel asks before
+    replacing it. No crontab program: not asked, and said what keeps the tunnel instead
+    (exit 3: nothing keeps it yet)."""
     first = free_port()
     result = run_yes(box, first, service)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -514,26 +520,34 @@ def test_second_tunnel_through_the_wizard_never_replaces_silently(box, service):
     env = dict(box.env, PATH=only)
     second = free_port()
     t = Terminal([sys.executable, INSTALL] + box.flags() + ["--config", box.config], env)
-    t.answer(r"ssh server .*: ", "127.0.0.1")
-    t.answer(r"its ssh port \[22\]: ", str(box.server.port))
+    t.answer(r"ssh server \(name, IP or ssh_config alias\) \[127.0.0.1\]: ", "")
+    t.answer(r"its ssh port \[%d\]: " % box.server.port, "")
     t.answer(r"login user on the server .*: ", "")
-    t.answer(r"name of this tunnel \[127-2\]: ", "127")        # the first tunnel's name
-    t.answer(r"\[127\] is in %s already \(127.0.0.1, -R %d:127.0.0.1:%d\)\. Replace it\? "
-             r"\[y/N\]: " % (re.escape(box.config), first, service.port), "")
-    t.answer(r"name of this tunnel \[127-2\]: ", "")
+    t.answer(r"name of this tunnel \[tunnel-127-0-0-1-2\]: ", "tunnel-127-0-0-1")   # the first's
+    t.answer(r"\[tunnel-127-0-0-1\] is in %s already \(127.0.0.1, -R %d:127.0.0.1:%d\)\. "
+             r"Replace it\? \[y/N\]: " % (re.escape(box.config), first, service.port), "")
+    t.answer(r"name of this tunnel \[tunnel-127-0-0-1-2\]: ", "")
     t.answer(r"reverse forward\)\? \[Y/n\]: ", "")
+    t.answer(r"port on the server \[1122\]: ", str(first))     # the first tunnel's port
+    t.expect(r"port %d on 127.0.0.1 is \[tunnel-127-0-0-1\]'s already: choose another port; "
+             r"try again." % first)
     t.answer(r"port on the server \[1122\]: ", str(second))
     t.answer(r"leads to host:port on this side \[127.0.0.1:22\]: ", "127.0.0.1:%d" % service.port)
     t.answer(r"another reverse forward .*: ", "")
     t.answer(r"local forward .*: ", "")
-    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_127-2_ed25519\]: ", "")
+    t.answer(r"key file, existing or to be created \[~/.ssh/ctunnel_tunnel-127-0-0-1-2_ed25519\]"
+             r": ", "")
     t.answer(r"install the public key on the server now .*\? \[Y/n\]: ", "")
-    t.expect(r"Wrote \[127-2\] to ")
-    t.expect(r"127-2: started")
-    assert t.wait() == 0, t.seen
-    assert "crontab" not in t.seen
+    t.expect(r"Wrote \[tunnel-127-0-0-1-2\] to ")
+    t.expect(r"Nothing keeps the tunnel up yet: there is no crontab program here\. To keep it, "
+             r"on this box:")
+    t.expect(r"add this line to your crontab by hand: \* \* \* \* \* ")
+    t.expect(r"tunnel-127-0-0-1-2: started")
+    t.expect(r"The tunnel is up, but nothing keeps it up yet: see above\.")
+    assert t.wait() == 3, t.seen
+    assert "add the crontab line" not in t.seen                  # not asked
     tunnels = config.load_config(box.config)
-    assert [x.name for x in tunnels] == ["127", "127-2"]
+    assert [x.name for x in tunnels] == ["tunnel-127-0-0-1", "tunnel-127-0-0-1-2"]
     assert tunnels[0].identity_file != tunnels[1].identity_file        # a key each
     assert connect_read(first) == service.greeting
     assert connect_read(second) == service.greeting
@@ -543,9 +557,8 @@ def test_a_typo_in_the_host_or_a_closed_port_is_asked_again_at_once(box):
     closed = free_port()
     t = wizard(box, "--config", box.config)
     t.answer(r"ssh server .*: ", "127.0.0.1:%d" % box.server.port)
-    t.answer(r"its ssh port \[22\]: ", "")
-    t.expect(r"the name 127.0.0.1:%d does not resolve \(did you mean server 127.0.0.1, "
-             r"port %d\?\); try again." % (box.server.port, box.server.port))
+    t.expect(r'"127.0.0.1:%d" names a port: the port goes in a key of its own \(host = '
+             r'127.0.0.1 and port = %d\); try again.' % (box.server.port, box.server.port))
     t.answer(r"ssh server .*: ", "127.0.0.1")
     t.answer(r"its ssh port \[22\]: ", str(closed))
     t.expect(r"127.0.0.1 refused a connection on port %d: nothing listens there; try again."
@@ -561,7 +574,7 @@ def test_a_typo_in_the_host_or_a_closed_port_is_asked_again_at_once(box):
 def test_a_shared_key_gets_advice_for_every_tunnel_it_serves(box, service):
     first, second = free_port(), free_port()
     assert run_yes(box, first, service).returncode == 0
-    key = os.path.join(box.home, ".ssh", "ctunnel_127_ed25519")
+    key = os.path.join(box.home, ".ssh", "ctunnel_tunnel-127-0-0-1_ed25519")
     result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
                      "--name", "cam", "--identity-file", key,
                      "--remote-forward", "%d:127.0.0.1:%d" % (second, service.port),
@@ -569,7 +582,7 @@ def test_a_shared_key_gets_advice_for_every_tunnel_it_serves(box, service):
     assert result.returncode == 0, result.stdout + result.stderr
     assert ('permitlisten="127.0.0.1:%d",permitlisten="127.0.0.1:%d"' % (second, first)) \
         in result.stdout
-    assert "This key is also used by [127]" in result.stdout
+    assert "This key is also used by [tunnel-127-0-0-1]" in result.stdout
 
 
 def test_a_bad_target_answer_is_shown_as_typed():
@@ -620,3 +633,90 @@ def test_an_openssh_server_is_told_apart(box):
         host, port, user, ssh_config = "127.0.0.1", box.server.port, "x", box.ssh_config
     problem, banner = install.reach_server(Plan)
     assert problem is None and install.server_kind(banner) == "openssh"
+
+
+# --- the first sitting (issue 15) ------------------------------------------------------
+
+def test_a_crontab_that_cannot_be_written_leaves_the_user_told_what_keeps_it(box, service):
+    """The line could not be added: the tunnel is up, the wizard says what to do and
+    exits 3, not 0 (nothing keeps the tunnel yet)."""
+    with open(os.path.join(box.tmp, "bin", "crontab"), "w") as f:
+        f.write("#!/bin/sh\n[ \"$1\" = -l ] && exit 0\necho 'crontab: /var/spool: read-only "
+                "file system' >&2\nexit 1\n")
+    box.prepare_config()
+    remote = free_port()
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--remote-forward", "%d:127.0.0.1:%d" % (remote, service.port),
+                     "--config", box.config, "--cron", "--accept-host-key")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Nothing keeps the tunnel up yet: crontab - failed: crontab: /var/spool: read-only " \
+        "file system. To keep it, on this box:" in result.stdout
+    assert "add this line to your crontab by hand: * * * * * " in result.stdout
+    assert connect_read(remote) == service.greeting
+
+
+def test_a_name_too_long_for_its_state_dir_is_refused_before_any_key_or_login(box):
+    long_name = "x" * 90
+    result = box.run("--yes", "--host", "127.0.0.1", "--port", str(box.server.port),
+                     "--name", long_name, "--remote-forward", "1122:127.0.0.1:22",
+                     "--config", box.config, "--no-cron", "--accept-host-key")
+    assert result.returncode == 2
+    assert ('--name: "%s" is too long for state_dir ' % long_name) in result.stderr
+    assert "choose a shorter name" in result.stderr
+    assert not os.path.exists(os.path.join(box.home, ".ssh"))     # no key was made
+    assert "known_hosts" not in os.listdir(box.tmp)               # no server step
+
+
+def test_a_refused_login_asks_for_the_user_again_and_keeps_the_other_answers(box, service):
+    remote = free_port()
+    box.prepare_config()
+    t = wizard(box, "--config", box.config, "--host", "127.0.0.1", "--port",
+               str(box.server.port), "--name", "cam", "--remote-forward",
+               "%d:127.0.0.1:%d" % (remote, service.port), "--no-cron", "--accept-host-key",
+               "--install-key")
+    t.answer(r"login user on the server .*: ", "nosuchuser")
+    t.answer(r"key file, existing or to be created .*: ", "")
+    t.expect(r"failed")
+    t.answer(r"login user on the server \(the other answers stand\) \[nosuchuser\]: ",
+             box.server.user)
+    t.expect(r"Login with the key works.")
+    t.expect(r"cam: started")
+    assert t.wait() == 0, t.seen
+    assert connect_read(remote) == service.greeting
+
+
+def test_ctrl_c_at_ssh_copy_ids_password_prompt_leaves_no_temp_files(service):
+    """ssh-copy-id keeps a temp folder in ~/.ssh; interrupted at its prompt, it stays
+    behind unless the wizard removes it."""
+    b = Box(tempfile.mkdtemp(prefix="ctw", dir="/tmp"),
+            extra=["PasswordAuthentication yes", "KbdInteractiveAuthentication yes"])
+    try:
+        env = dict(b.env)
+        env.pop("SSH_AUTH_SOCK")                 # no key of the user's: a password prompt
+        t = Terminal([sys.executable, INSTALL] + b.flags() + [
+            "--config", b.config, "--host", "127.0.0.1", "--port", str(b.server.port),
+            "--user", "nobody", "--name", "cam", "--remote-forward", "1122:127.0.0.1:22",
+            "--no-cron", "--accept-host-key", "--install-key"], env)
+        t.answer(r"key file, existing or to be created .*: ", "")
+        t.expect(r"[Pp]assword:")
+        t.send(b"\x03")
+        assert t.wait() == 130, t.seen
+        dot_ssh = os.path.join(b.home, ".ssh")
+        assert [n for n in os.listdir(dot_ssh) if n.startswith("ssh-copy-id")] == []
+        assert not os.path.exists(b.config)
+    finally:
+        b.close()
+        shutil.rmtree(b.tmp, ignore_errors=True)
+
+
+def test_a_target_port_out_of_range_is_named_as_such():
+    with pytest.raises(ValueError, match=r'"99999" is not a port \(use 1-65535\)'):
+        install.parse_target("127.0.0.1:99999")
+
+
+@pytest.mark.parametrize("host,name", [("127.0.0.1", "tunnel-127-0-0-1"),
+                                       ("vps.example.com", "vps"),
+                                       ("[fe80::1]", "tunnel-fe80-1")])
+def test_default_names_are_readable(host, name):
+    assert install.default_name(host) == name
+    assert install.default_name(host, taken={name}) == name + "-2"

@@ -7,11 +7,13 @@ cached bytecode that nobody but the user and root may write.
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import pytest
 
-from harness import BOX_PYTHON, ThrowawayUser, as_user, install_copy, run_recording_modules
+from harness import (BOX_PYTHON, ROOT, ThrowawayUser, as_user, install_copy,
+                     run_recording_modules)
 
 # never in a healthy OpenSSH tick: the repair, the other client, the
 # commands that look, and the costly parts of the standard library
@@ -138,3 +140,23 @@ def test_a_missing_package_and_an_old_python_are_one_line(installed):
     assert missing.returncode == 2
     assert missing.stderr == ("ctunnel: %s/ctunnellib is missing: install ctunnel.py together "
                               "with its folder ctunnellib\n" % folder)
+
+
+def test_the_suite_runs_from_a_clone_no_other_user_can_read(tmp_path):
+    """A clone under a 0700 folder (pytest's own temp folder is one): the tests that run
+    ctunnel as throwaway users still pass, through the shared readable install."""
+    clone = tmp_path / "clone"
+    files = subprocess.run(["git", "-C", ROOT, "ls-files"], capture_output=True, text=True,
+                           check=True).stdout.split()
+    for name in files:
+        os.makedirs(str((clone / name).parent), exist_ok=True)
+        shutil.copy2(os.path.join(ROOT, name), str(clone / name))
+    os.chmod(str(tmp_path), 0o700)              # no other user may enter
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+         "tests/test_story.py::test_stop_with_another_ssh_first_on_PATH_stops_the_tunnel_it_"
+         "launched", "tests/test_dbclient.py::test_a_healthy_dbclient_tick_loads_neither_the_"
+         "mux_client_nor_openssh"], cwd=str(clone), capture_output=True, text=True,
+        timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout
