@@ -69,7 +69,9 @@ class UsageError(CtunnelError):
 
 # What a check concludes. Only DOWN restarts the tunnel. TARGET_DOWN: the
 # tunnel works but the service behind a forward refuses or does not answer.
-UP, DOWN, UNKNOWN, TARGET_DOWN = "UP", "DOWN", "UNKNOWN", "TARGET_DOWN"
+# SLOW: no answer in time, through a connection that is alive (the server
+# still sends): a busy or slow link, never a restart.
+UP, DOWN, UNKNOWN, TARGET_DOWN, SLOW = "UP", "DOWN", "UNKNOWN", "TARGET_DOWN", "SLOW"
 
 # Which rung of the ladder a verdict is from.
 PROCESS, LINK, FORWARD = "process", "link", "forward"

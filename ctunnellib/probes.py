@@ -10,6 +10,7 @@ import _socket
 import select
 import time
 
+from .model import DOWN, SLOW, Verdict
 from .procfs import socket_inodes
 from .statefiles import log_since, log_size
 from .tcp import TCP_SYN_SENT, families_of
@@ -81,6 +82,82 @@ def await_loop(tunnel, forward, pid, before, far_end, log_offset, until, table,
             if not far_end.recv(4096):
                 far_end = None      # hung up: one last look at the client, then decide
         interval = min(interval * 2, 0.02)
+
+
+# How a client's connection to the server looks when a probe got no answer in time
+DEAD = "dead"       # nothing from the server for the dead-peer time: restart
+BUSY = "busy"       # alive, with data waiting or a long round trip: slow, not dead
+IDLE = "idle"       # alive and quick: the silence is not the link's
+
+
+def dead_peer_time(tunnel):
+    """Seconds of silence after which the client itself gives the server up: the
+    keepalive budget (ServerAliveInterval x ServerAliveCountMax)."""
+    return tunnel.server_alive_interval * tunnel.server_alive_count_max
+
+
+def link_state(tunnel, pid, table):
+    """After a probe got no answer: is the client's connection to the server alive?
+
+    Read from the kernel for that one socket: alive while the server's side
+    sent something (data: ssh's own keepalive replies, or the user's bytes)
+    within the dead-peer time. Returns DEAD, BUSY, IDLE, or None when there is
+    no TCP connection to judge (a ProxyCommand: a pipe).
+    """
+    inodes = socket_inodes(pid)
+    progress = None
+    for port in (tunnel.port,) if tunnel.port else (22, None):
+        progress = table.progress(inodes, port)
+        if progress:
+            break
+    if progress is None:
+        return None
+    if progress.since_data is None:     # /proc/net/tcp only: retransmissions of one segment
+        return DEAD if progress.retransmits >= 7 else BUSY       # about 25 s of backoff
+    if progress.since_data >= dead_peer_time(tunnel) * 1000:
+        return DEAD
+    # busy: a segment sent again (loss, an outage under way), a queue of them in
+    # flight (a transfer), or a round trip that takes a good part of check_timeout
+    busy = progress.retransmits or progress.unacked > 2 or \
+        (progress.rtt or 0) * 4 > tunnel.check_timeout * 1e6
+    return BUSY if busy else IDLE
+
+
+def launch_time(tunnel):
+    """Seconds a launch may take before ctunnel looks whether it still makes progress:
+    a slow link's handshake takes many round trips."""
+    return max(4 * tunnel.check_timeout, dead_peer_time(tunnel))
+
+
+def still_connecting(tunnel, pid, began):
+    """May a launch (pid, the client still logging in) take longer? While its connection
+    moves (the server sent something lately), up to twice the launch time."""
+    from .tcp import TcpTable
+    if time.monotonic() - began >= 2 * launch_time(tunnel):
+        return False
+    return link_state(tunnel, pid, TcpTable()) in (BUSY, IDLE)
+
+
+def no_answer(name, tunnel, pid, table, what, idle=None):
+    """The verdict of a probe that got no answer within check_timeout (what: which).
+
+    DOWN only on proof: the connection heard nothing for the dead-peer time.
+    Alive and busy (or slow) is SLOW: reported once, never a restart. idle:
+    the verdict when the link is alive and quick (the silence is elsewhere);
+    SLOW if not given. Without a TCP connection to judge, DOWN as before.
+    """
+    state = link_state(tunnel, pid, table)
+    if state == DEAD:
+        return Verdict(name, DOWN, "no answer within %gs, and nothing from the server for "
+                       "%ds (the keepalive budget): the connection is dead"
+                       % (tunnel.check_timeout, dead_peer_time(tunnel)))
+    if state is None:
+        return idle or Verdict(name, DOWN, "no answer within %gs: the connection is hung"
+                               % tunnel.check_timeout)
+    if state == IDLE and idle:
+        return idle
+    return Verdict(name, SLOW, "%s within %gs, through a connection that is alive (the "
+                   "server still sends): slow, not dead" % (what, tunnel.check_timeout))
 
 
 def check_listener(pid, table, address, port, program):

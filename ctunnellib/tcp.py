@@ -15,6 +15,12 @@ import time
 from .model import record
 
 TcpSocket = record("TcpSocket", "inode local_addr local_port remote_addr remote_port state")
+# What the kernel knows of a connection's progress (struct tcp_info): milliseconds
+# since data and since an acknowledgement last came in, bytes sent and not yet
+# acknowledged (in packets: unacked), retransmissions of the oldest one, the
+# round trip (microseconds). retransmits alone where /proc/net/tcp is all there is.
+TcpProgress = record("TcpProgress", "since_data since_ack unacked retransmits rtt",
+                     defaults=(None, None, None, 0, None))
 
 # TCP states, as the kernel numbers them
 TCP_ESTABLISHED, TCP_SYN_SENT, TCP_LISTEN = 0x01, 0x02, 0x0A
@@ -26,6 +32,7 @@ TCP_TABLE_MAX = 4 << 20     # bytes read of /proc/net/tcp{,6} at most
 NETLINK_SOCK_DIAG, SOCK_DIAG_BY_FAMILY = 4, 20
 NLM_F_REQUEST, NLM_F_DUMP, NLMSG_ERROR, NLMSG_DONE = 0x1, 0x300, 2, 3
 INET_DIAG_REQ_BYTECODE = 1
+INET_DIAG_INFO = 2                  # the attribute (and, as 1 << (2 - 1), its request)
 BC_JMP, BC_S_GE, BC_S_LE, BC_D_GE, BC_D_LE = 1, 2, 3, 4, 5
 IPPROTO_TCP = 6
 DIAG_MSG = struct.Struct("=BBBB2s2s16s16sIQIIIII")     # struct inet_diag_msg, 72 bytes
@@ -81,6 +88,21 @@ class TcpTable:
             return [s for family in FAMILIES
                     for s in self._read(family, 1 << TCP_LISTEN, (port,), local=True)]
 
+    def progress(self, inodes, remote_port=None):
+        """The TcpProgress of the established connection among inodes (the one to
+        remote_port if given, else the only one), or None if there is none."""
+        with self.lock:
+            if self.netlink:
+                try:
+                    found = [p for family in FAMILIES
+                             for p in diag_progress(family, inodes, remote_port)]
+                    return found[0] if len(found) == 1 else None
+                except OSError:
+                    self.netlink = False
+            found = [p for family in FAMILIES for p in proc_progress(family, inodes,
+                                                                      remote_port)]
+            return found[0] if len(found) == 1 else None
+
     def _read(self, family, states, ports, local):
         if self.netlink:
             try:
@@ -99,15 +121,17 @@ def _thread_lock():
 # netlink sock_diag
 # ---------------------------------------------------------------------------
 
-def diag_dump(family, states, ports, local):
+def diag_dump(family, states, ports, local, info=False):
     """Ask the kernel for the TCP sockets of family in states whose port is in ports.
 
     local: compare the local (source) port, else the remote one. The port
-    filter runs in the kernel (inet_diag bytecode). Raises OSError when the
-    kernel cannot answer.
+    filter runs in the kernel (inet_diag bytecode). info: each socket comes
+    with its tcp_info, as (TcpSocket, TcpProgress) pairs. Raises OSError when
+    the kernel cannot answer.
     """
     code = port_filter(ports, local)
-    request = struct.pack("=BBBxI48x", family, IPPROTO_TCP, 0, states)
+    ext = 1 << (INET_DIAG_INFO - 1) if info else 0
+    request = struct.pack("=BBBxI48x", family, IPPROTO_TCP, ext, states)
     if code:
         request += struct.pack("=HH", 4 + len(code), INET_DIAG_REQ_BYTECODE) + code
     header = NLMSG_HEADER.pack(16 + len(request), SOCK_DIAG_BY_FAMILY,
@@ -127,7 +151,9 @@ def diag_dump(family, states, ports, local):
                 if kind == NLMSG_ERROR:
                     error = -struct.unpack_from("=i", data, at + 16)[0]
                     raise OSError(error, "sock_diag: error %d" % error)
-                found.append(_diag_socket(data, at + 16))
+                found_socket = _diag_socket(data, at + 16)
+                found.append((found_socket, _diag_progress(data, at + 16 + 72, at + size))
+                             if info else found_socket)
                 at += (size + 3) & ~3
             if not data:
                 raise OSError("sock_diag: no answer")
@@ -141,6 +167,30 @@ def _diag_socket(data, at):
     size = 4 if family == _socket.AF_INET else 16
     return TcpSocket(inode, _address(src[:size]), int.from_bytes(sport, "big"),
                      _address(dst[:size]), int.from_bytes(dport, "big"), state)
+
+
+def _diag_progress(data, at, end):
+    """The TcpProgress in a message's INET_DIAG_INFO attribute (from at to end), or None."""
+    while at + 4 <= end:
+        size, kind = struct.unpack_from("=HH", data, at)
+        if size < 4:
+            break
+        if kind == INET_DIAG_INFO and size >= 4 + 72:
+            retransmits, = struct.unpack_from("=B", data, at + 4 + 2)
+            rtt, = struct.unpack_from("=I", data, at + 4 + 68)
+            unacked, = struct.unpack_from("=I", data, at + 4 + 24)
+            since_data, since_ack = struct.unpack_from("=II", data, at + 4 + 52)
+            return TcpProgress(since_data, since_ack, unacked, retransmits, rtt)
+        at += (size + 3) & ~3
+    return None
+
+
+def diag_progress(family, inodes, remote_port=None):
+    """The TcpProgress of each established connection of family among inodes."""
+    ports = (remote_port,) if remote_port else ()
+    return [progress for sock, progress in diag_dump(family, 1 << TCP_ESTABLISHED, ports,
+                                                     False, info=True)
+            if sock.inode in inodes and progress]
 
 
 def port_filter(ports, local):
@@ -202,6 +252,23 @@ def proc_socket(line):
     local, remote = fields[1].split(b":"), fields[2].split(b":")
     return TcpSocket(int(fields[9]), proc_address(local[0]), int(local[1], 16),
                      proc_address(remote[0]), int(remote[1], 16), int(fields[3], 16))
+
+
+def proc_progress(family, inodes, remote_port=None):
+    """What /proc/net/tcp tells of the progress of established connections among
+    inodes: only how often the oldest unacknowledged segment was sent again."""
+    try:
+        with open(PROC_FILES[family], "rb") as f:
+            text = f.read(TCP_TABLE_MAX)
+    except OSError:
+        return []
+    found = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) > 9 and int(fields[9]) in inodes and fields[3] == b"01" and (
+                remote_port is None or int(fields[2].split(b":")[1], 16) == remote_port):
+            found.append(TcpProgress(retransmits=int(fields[6], 16)))
+    return found
 
 
 def proc_address(text):

@@ -5,7 +5,7 @@ no line. Only a DOWN loads the repair.
 """
 
 from .ladder import for_each, run_ladder
-from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING,
+from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SLOW,
                     TARGET_DOWN, UNKNOWN, UP, Event, Outcome, first_down)
 from .statefiles import (TunnelLock, first_time, make_state_dir, read_state,
                          read_state_text, save_state)
@@ -110,19 +110,21 @@ def note_warnings(tunnel, verdicts, state, events):
 
     Neither restarts the tunnel, and a cron mail every minute would say nothing new.
     """
-    now = {v.check: [v.state, v.detail] for v in verdicts if v.state in (UNKNOWN, TARGET_DOWN)}
+    now = {v.check: [v.state, v.detail] for v in verdicts
+           if v.state in (UNKNOWN, TARGET_DOWN, SLOW)}
     before = state.get("warnings")
     before = before if isinstance(before, dict) else {}
     if now == before:
         return
     for check, (verdict, detail) in sorted(now.items()):
         if before.get(check) != [verdict, detail]:
-            why = "not restarting" if verdict == TARGET_DOWN else "cannot tell; not restarting"
+            why = "cannot tell; not restarting" if verdict == UNKNOWN else "not restarting"
             events.append(Event(LOG_WARNING, "%s: %s: %s (%s)"
                                 % (tunnel.name, check, detail, why)))
     for check, (verdict, _) in sorted(before.items()):
         if check not in now:
-            back = "its target answers again" if verdict == TARGET_DOWN else "checked again"
+            back = {TARGET_DOWN: "its target answers again", SLOW: "answers in time again"}.get(
+                verdict, "checked again")
             events.append(Event(LOG_NOTICE, "%s: %s: %s" % (tunnel.name, check, back)))
     state["warnings"] = now
     if not now:

@@ -18,6 +18,8 @@ from harness import (BOX_PYTHON, Service, ThrowawayUser, as_user, connect_read, 
                      descendants, free_port, install_copy, pid_alive, pids_with_arg,
                      run_ctunnel, wait_for)
 
+from ctunnellib.procfs import socket_inodes
+
 
 def private_known_hosts(rig):
     """A known_hosts of the rig's own (through its own ssh_config): (file, its text)."""
@@ -160,9 +162,7 @@ def test_ctrl_c_while_the_server_is_frozen_is_one_line(make_rig, service, make_u
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # in the checks: the tick holds a connection to a control socket
-        wait_for(lambda: len([fd for fd in os.listdir("/proc/%d/fd" % tick.pid)
-                              if os.readlink("/proc/%d/fd/%s" % (tick.pid, fd))
-                              .startswith("socket:")]) >= 2, what="the tick to be checking")
+        wait_for(lambda: len(socket_inodes(tick.pid)) >= 2, what="the tick to be checking")
         began = time.monotonic()
         tick.send_signal(signal.SIGINT)
         out, err = tick.communicate(timeout=20)

@@ -17,12 +17,12 @@ import time
 from ..model import (DOWN, LINK, LISTENS, NOTHING_LISTENS, CANNOT_TELL, TARGET_DOWN, UNKNOWN,
                      UP, Probe, Verdict, check_address, expand_home, forward_arg)
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
-                      check_listener, ms, target_listens)
+                      check_listener, launch_time, ms, no_answer, still_connecting,
+                      target_listens)
 from ..procfs import cmdline, has_environ, kill_processes, process_stopped, socket_inodes
 from ..statefiles import log_since, log_size, open_launch_log, write_pidfile
 from . import Client
 
-LAUNCH_TIMEOUT_FACTOR = 4   # dbclient may take this many check_timeouts to be up
 DBCLIENT_TOKEN = "CTUNNEL_TUNNEL"   # in dbclient's environment: whose it is
 DBCLIENT_OPTIONS = ("DisableTrivialAuth", "UseSyslog")   # -o options ctunnel leaves to you
 # dbclient's stdin. Where it would ask (an unknown host key, a password) it
@@ -198,9 +198,12 @@ def check_loopback(tunnel, forward, pid, table):
         CLOSED: Verdict(name, UNKNOWN, "the server closed the loopback's channel to %s at "
                         "once: it forbids it (permitopen), nothing listens there, or %s "
                         "refused; dbclient does not say which" % (where, target)),
-        SILENT: Verdict(name, DOWN, "no answer through the loopback within %gs: the "
-                        "connection is hung, or another program holds port %d on the server"
-                        % (tunnel.check_timeout, forward.port)),
+        SILENT: no_answer(name, tunnel, pid, table, "no answer through the loopback",
+                          idle=Verdict(name, DOWN, "no answer through the loopback within "
+                                       "%gs: the server's session is hung, or another program "
+                                       "holds port %d on the server"
+                                       % (tunnel.check_timeout, forward.port)))
+        if outcome == SILENT else None,
     }[outcome]
 
 
@@ -257,7 +260,6 @@ def launch(tunnel):
                           "%s@%s" % (tunnel.user, tunnel.host) if tunnel.user
                           else tunnel.host))
     argv = build_argv(tunnel, [_free_loopback_port() for _ in remotes(tunnel)])
-    limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
     log, start = open_launch_log(tunnel, "dbclient")
     answers, ours = os.pipe()
     os.write(ours, NO_ANSWER)
@@ -272,10 +274,12 @@ def launch(tunnel):
     finally:
         os.close(log)
         os.close(answers)
-    until = time.monotonic() + limit
+    began = time.monotonic()
+    until = began + launch_time(tunnel)
     problem = "it did not connect"
-    while proc.poll() is None and time.monotonic() < until:
-        problem = _not_ready(tunnel, proc.pid, until)
+    while proc.poll() is None and (time.monotonic() < until or
+                                   still_connecting(tunnel, proc.pid, began)):
+        problem = _not_ready(tunnel, proc.pid, max(until, time.monotonic() + 1))
         if problem is None or problem == CLOSED:
             try:            # a refused forward makes it exit right after the answer
                 proc.wait(EXIT_GRACE if problem else 0)
@@ -290,7 +294,8 @@ def launch(tunnel):
     if problem not in (None, CLOSED):
         kill_processes([proc.pid])
         proc.wait()
-        return None, "dbclient did not set up its forwards within %gs: %s" % (limit, problem)
+        return None, "dbclient did not set up its forwards within %ds: %s" % (
+            round(time.monotonic() - began), problem)
     try:
         write_pidfile(tunnel, proc.pid)
     except OSError:

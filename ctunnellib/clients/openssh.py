@@ -14,13 +14,15 @@ from ..model import (DOWN, LINK, LISTENS, NOTHING_LISTENS, CANNOT_TELL, TARGET_D
                      UP, Probe, Verdict, check_address, forward_arg, state_path)
 from ..mux import Channel, MuxClient, MuxError, MuxRefused, MuxTimeout, MuxVersionError
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
-                      check_listener, deadline, ms)
+                      check_listener, deadline, launch_time, ms, no_answer,
+                      still_connecting)
 from ..procfs import cmdline, socket_inodes
 from ..statefiles import (LOG_MAX, log_since, log_size, open_launch_log, trim_log,
                           write_pidfile)
 from . import Client
 
-LAUNCH_TIMEOUT_FACTOR = 4   # ssh -f may take this many check_timeouts to connect
+CONNECT_FACTOR = 4          # the TCP connect and banner may take this many check_timeouts
+
 
 
 # ---------------------------------------------------------------------------
@@ -64,7 +66,9 @@ def build_launch_argv(tunnel):
             "-o", "ExitOnForwardFailure=yes",
             # never wait for a password or a host-key question under cron
             "-o", "BatchMode=yes",
-            "-o", "ConnectTimeout=%d" % math.ceil(tunnel.check_timeout),
+            # a slow, lossy link's connect and banner take several round trips (the
+            # key exchange and login after it: the launch's own time, launch_time)
+            "-o", "ConnectTimeout=%d" % math.ceil(CONNECT_FACTOR * tunnel.check_timeout),
             "-o", "ServerAliveInterval=%d" % tunnel.server_alive_interval,
             "-o", "ServerAliveCountMax=%d" % tunnel.server_alive_count_max]
     argv += _login_args(tunnel)
@@ -227,8 +231,7 @@ def check_data_path(tunnel, forward, pid, table, tries=2):
             return Verdict(name, DOWN, "the server refused a channel to %s: %s"
                            % (where, reason)), False
         except MuxTimeout:
-            return Verdict(name, DOWN, "no answer within %gs: the connection is hung"
-                           % tunnel.check_timeout), False
+            return no_answer(name, tunnel, pid, table, "no channel to %s" % where), False
         except MuxVersionError as e:
             return Verdict(name, UNKNOWN, "the %s, which cannot open a channel" % e), True
         except (MuxError, OSError) as e:
@@ -244,13 +247,15 @@ def check_data_path(tunnel, forward, pid, table, tries=2):
                             "not answer" % target),
         CLOSED: Verdict(name, UNKNOWN, "%s on the server hung up at once; cannot tell "
                         "whether it is this tunnel's" % where),
-        SILENT: Verdict(name, DOWN, "port %d on the server is held by another program: "
-                        "a connection to %s did not come back through this tunnel"
-                        % (forward.port, where)),
+        SILENT: no_answer(name, tunnel, pid, table, "no connection back from %s" % where,
+                          idle=Verdict(name, DOWN, "port %d on the server is held by another "
+                                       "program: a connection to %s did not come back "
+                                       "through this tunnel" % (forward.port, where)))
+        if outcome == SILENT else None,
     }[outcome], False
 
 
-def check_remote_nc(tunnel, forward):
+def check_remote_nc(tunnel, forward, pid=None, table=None):
     """Is there a listener on the server's end of a -R forward? (nc over the master)
 
     Proves only that something listens there; used where the server forbids
@@ -258,12 +263,14 @@ def check_remote_nc(tunnel, forward):
     """
     import re
     from ..programs import first_line, run
+    from ..tcp import TcpTable
     name = "remote forward %d" % forward.port
     command = remote_nc_command(forward, tunnel.check_timeout)
     rc, out, err = run(build_mux_argv(tunnel, command), tunnel.check_timeout)
     if rc is None:
-        return Verdict(name, DOWN, "nc check hung for %gs: the connection is dead"
-                       % tunnel.check_timeout)
+        return no_answer(name, tunnel, pid, table or TcpTable(), "no answer from nc") \
+            if pid else Verdict(name, DOWN, "nc check hung for %gs: the connection is dead"
+                                % tunnel.check_timeout)
     m = re.search(r"^ctunnel-nc\n(.*?)^ctunnel-nc=(\d+)$", out, re.M | re.S)
     if m:
         said, status = m.group(1).strip(), int(m.group(2))
@@ -293,11 +300,11 @@ def check_remote_forward(tunnel, forward, pid, table):
     if tunnel.remote_check == "none":
         return Verdict("remote forward %d" % forward.port, UP, "not checked (remote_check = none)")
     if tunnel.remote_check == "nc":
-        return check_remote_nc(tunnel, forward)
+        return check_remote_nc(tunnel, forward, pid, table)
     verdict, fallback = check_data_path(tunnel, forward, pid, table)
     if not (fallback and tunnel.remote_check == "auto"):
         return verdict
-    nc = check_remote_nc(tunnel, forward)
+    nc = check_remote_nc(tunnel, forward, pid, table)
     if nc.state == UNKNOWN:
         return verdict._replace(detail="%s; and nc: %s" % (verdict.detail, nc.detail))
     return nc._replace(detail="%s, since %s" % (nc.detail, verdict.detail))
@@ -326,8 +333,7 @@ def check_local_forward(tunnel, forward, pid, table):
         return Verdict(name, TARGET_DOWN, "the tunnel works, but the server cannot reach %s "
                        "(%s)" % (target, reason))
     except MuxTimeout:
-        return Verdict(name, DOWN, "no answer within %gs: the connection is hung"
-                       % tunnel.check_timeout)
+        return no_answer(name, tunnel, pid, table, "no channel to %s" % target)
     except MuxVersionError:
         return Verdict(name, UP, "listening on %s (old master: far end not checked)" % where)
     except (MuxError, OSError) as e:
@@ -350,7 +356,6 @@ def launch_tunnel(tunnel):
     import subprocess
     from ..programs import lines_said
     argv = build_launch_argv(tunnel)
-    limit = LAUNCH_TIMEOUT_FACTOR * tunnel.check_timeout
     log, start = open_launch_log(tunnel, "ssh")
     try:
         try:
@@ -358,12 +363,14 @@ def launch_tunnel(tunnel):
                                     stderr=log, start_new_session=True)
         except OSError as e:
             return None, "cannot run %s: %s" % (tunnel.ssh, e.strerror)
-        try:
-            rc = proc.wait(timeout=limit)
-        except subprocess.TimeoutExpired:
+        began = time.monotonic()
+        rc = _wait(proc, launch_time(tunnel))
+        while rc is None and still_connecting(tunnel, proc.pid, began):
+            rc = _wait(proc, 1.0)       # still logging in, and its connection moves
+        if rc is None:
             proc.kill()
             proc.wait()
-            return None, "ssh did not connect within %gs" % limit
+            return None, "ssh did not connect within %ds" % round(time.monotonic() - began)
     finally:
         os.close(log)
     said = lines_said(log_since(tunnel, start, 16384)[-8192:])
@@ -377,6 +384,15 @@ def launch_tunnel(tunnel):
     except OSError:
         pass            # the next tick adopts it by its control socket (see ladder)
     return pid, None
+
+
+def _wait(proc, seconds):
+    """proc's exit status, or None if it still runs after seconds."""
+    import subprocess
+    try:
+        return proc.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def explain_ssh_failure(tunnel, lines, rc):
