@@ -196,6 +196,33 @@ def _find_program(value):
                      'give its full path)' % value)
 
 
+def _trusted_program(value):
+    """on_event: a program of this user's or root's that nobody else may write, in a
+    folder nobody else may write: it runs with the tunnel's rights, as the config's
+    own ProxyCommand would."""
+    if not value:
+        return ""
+    if not os.path.isfile(value) or not os.access(value, os.X_OK):
+        raise ValueError('"%s" is not a program (an executable file)' % value)
+    for path in (value, os.path.dirname(value)):
+        problem = untrusted(os.stat(path))
+        if problem:
+            raise ValueError('"%s": %s' % (path, problem % {"path": path}))
+    return value
+
+
+def _metrics_path(value):
+    """metrics_file: a file in a folder that exists and that this user may write."""
+    if not value:
+        return ""
+    folder = os.path.dirname(value)
+    if not os.path.isdir(folder):
+        raise ValueError('"%s": its folder %s does not exist' % (value, folder))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError('"%s": its folder %s is not writable' % (value, folder))
+    return value
+
+
 def _positive(integer):
     def parse(value):
         try:
@@ -233,6 +260,8 @@ KEYS = (
     Key("remote_check", "auto", _one_of(REMOTE_CHECKS), ""),
     Key("reclaim", "yes", _yes_no, ""),
     Key("state_dir", "~/.local/state/ctunnel", str, "path"),
+    Key("on_event", "", _trusted_program, "path"),
+    Key("metrics_file", "", _metrics_path, "path"),
 )
 DEFAULTS = {key.name: key.default for key in KEYS}
 KNOWN_KEYS = frozenset(DEFAULTS)

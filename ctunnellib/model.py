@@ -85,7 +85,9 @@ CONFIG_CHANGED = "config changed"   # the running client was launched with other
 # check: the name the user sees ("process", "master", "remote forward 1122");
 # kind: PROCESS, LINK or FORWARD; cause: one of the causes above, or None;
 # pid: the client's, when the process check found it.
-Verdict = record("Verdict", "check state detail kind cause pid", defaults=(FORWARD, None, None))
+# took: seconds the proof took (a forward's data path), for the metrics.
+Verdict = record("Verdict", "check state detail kind cause pid took",
+                 defaults=(FORWARD, None, None, None))
 
 
 def first_down(verdicts):
@@ -187,8 +189,21 @@ def expand_home(path):
 # syslog severities (RFC 5424); events at LOG_INFO go to stderr only with -v
 LOG_ERR, LOG_WARNING, LOG_NOTICE, LOG_INFO = 3, 4, 5, 6
 
-# stderr: also print it (cron mails what a job prints); syslog always gets it
-Event = record("Event", "level text stderr", defaults=(True,))
+# stderr: also print it (cron mails what a job prints); syslog always gets it.
+# kind: what happened, for the on_event hook and the metrics (the names below),
+# None for a line that is no state change; facts: {"reason", "pid", "attempts"}.
+Event = record("Event", "level text stderr kind facts", defaults=(True, None, None))
+
+# The kinds of event: what a tunnel's on_event hook is told ($CTUNNEL_EVENT)
+STARTED, RESTARTED, BACK, RECLAIMED, CONFIG_CHANGED_EVENT = (
+    "started", "restarted", "back", "reclaimed", "config-changed")
+FAILED, PORT_HELD, HOST_KEY_CHANGED = "failed", "port-held", "host-key-changed"
+TARGET_DOWN_EVENT, TARGET_BACK, UNKNOWN_EVENT, UNKNOWN_ENDED = (
+    "target-down", "target-back", "unknown", "unknown-ended")
+SLOW_EVENT, SLOW_ENDED, NOTE, STOPPED = "slow", "slow-ended", "note", "stopped"
+EVENT_KINDS = (STARTED, RESTARTED, BACK, RECLAIMED, CONFIG_CHANGED_EVENT, FAILED, PORT_HELD,
+               HOST_KEY_CHANGED, TARGET_DOWN_EVENT, TARGET_BACK, UNKNOWN_EVENT, UNKNOWN_ENDED,
+               SLOW_EVENT, SLOW_ENDED, NOTE, STOPPED)
 # one tunnel's tick: healthy at its end?, its events, the verdicts it reached
 Outcome = record("Outcome", "name healthy events verdicts")
 

@@ -13,9 +13,10 @@ import time
 
 from .clients import client_of, find_tunnel_processes, is_tunnel_process
 from .ladder import run_ladder
-from .model import (CANNOT_TELL, GONE, LINK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING,
-                    NOT_RUNNING, NOTHING_LISTENS, PROCESS, Event, check_address, first_down,
-                    state_path)
+from .model import (BACK, CANNOT_TELL, CONFIG_CHANGED, CONFIG_CHANGED_EVENT, FAILED, GONE,
+                    HOST_KEY_CHANGED, LINK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, NOTE,
+                    NOT_OURS, NOT_RUNNING, NOTHING_LISTENS, PORT_HELD, PROCESS, RECLAIMED, RESTARTED,
+                    STARTED, Event, check_address, first_down, state_path)
 from .procfs import kill_processes, process_alive
 from .statefiles import launch_words, read_launch, save_state
 
@@ -61,10 +62,11 @@ def repair(tunnel, down, state, events, verbose, table):
     """
     first = down.cause == NOT_RUNNING and "outage" not in state
     reason = down.detail if first else state.get("outage") or down_reason(tunnel, down)
+    code = "first_start" if first else state.get("outage_code") or reason_code(down)
     if not first:
-        state["outage"] = reason
+        state.update(outage=reason, outage_code=code)
     stop_tunnel(tunnel)
-    pid, failure, reclaimed = relaunch(tunnel, state.get("session"))
+    pid, failure, reclaimed = relaunch(tunnel, state.get("session"), events)
     verdicts = []
     if failure is None:
         verdicts = run_ladder(tunnel, launched=pid, table=table)
@@ -75,7 +77,7 @@ def repair(tunnel, down, state, events, verbose, table):
         if after is not None:
             failure = "came up but %s: %s" % (after.check, after.detail)
     now = int(time.time())
-    state.update(last_restart=now, last_reason=reason)
+    state.update(last_restart=now, last_reason=reason, reason_code=code)
     state.pop("stopped", None)
     if failure is None:
         events.append(_record_success(tunnel, state, first, reason, pid, reclaimed))
@@ -86,22 +88,71 @@ def repair(tunnel, down, state, events, verbose, table):
     return failure is None, verdicts
 
 
-def relaunch(tunnel, session):
-    """Launch the client; where the server holds a -R port, find out why, and launch
-    again at once when a stale session was ended or the port is free again.
+def relaunch(tunnel, session, events):
+    """Launch the client, and again in the same tick when the server said why not:
+
+    - it dropped the login before authentication (sshd's MaxStartups: many
+      boxes log in at once, after the server restarted): again after a random,
+      growing delay, until STORM_TIME has passed. Each such try is a line in
+      syslog only: one that the tick's next try mends is not news;
+    - a -R port is held by a stale session that was ended, or is free again:
+      again at once (see explain_held_port).
 
     Returns (pid, failure, what was reclaimed or "").
     """
     launch = client_of(tunnel).launch
     pid, failure = launch(tunnel)
-    retried = []
-    while failure is not None and len(retried) < 2:
+    retried, storm = [], Storm()
+    while failure is not None:
+        if dropped_before_login(failure) and storm.wait():
+            events.append(Event(LOG_NOTICE, "%s: %s; trying again (%d)" % (
+                tunnel.name, failure, storm.tries), stderr=False))
+            pid, failure = launch(tunnel)
+            continue
+        if len(retried) == 2:
+            break
         again, failure = explain_held_port(tunnel, failure, session, retried)
         if not again:
             break
         retried.append(again)
         pid, failure = launch(tunnel)
     return pid, failure, ", ".join(r for r in retried if r != FREE_AGAIN)
+
+
+STORM_TIME = 40.0           # seconds a tick tries again after the server dropped its login
+STORM_FIRST = 1.0           # the first delay is at most this; each next one at most twice
+
+
+def dropped_before_login(failure):
+    """Did the server drop the connection before the login (not refuse it)?"""
+    return "dropped the connection before the login" in failure
+
+
+class Storm:
+    """The delays between tries at a server that drops logins: random (so that boxes
+    that all failed at once do not all try again at once), each at most twice the
+    last, all within STORM_TIME."""
+
+    def __init__(self):
+        self.began, self.tries = time.monotonic(), 0
+
+    def wait(self):
+        """Sleep before the next try; False when there is no time left for one."""
+        import random
+        delay = random.uniform(0, STORM_FIRST * 2 ** self.tries)
+        if time.monotonic() + delay - self.began > STORM_TIME:
+            return False
+        time.sleep(delay)
+        self.tries += 1
+        return True
+
+
+def reason_code(down):
+    """Why a tunnel went down, as a word for the metrics (one of a few)."""
+    if down.kind == PROCESS:
+        return {GONE: "process_gone", NOT_OURS: "pidfile_not_ours",
+                CONFIG_CHANGED: "config_changed"}.get(down.cause, "process")
+    return "link_down" if down.kind == LINK else "forward_down"
 
 
 def down_reason(tunnel, down):
@@ -137,22 +188,26 @@ def learn_session(tunnel, state, events):
     state.pop("notes", None)
     if notes:
         state["notes"] = notes
-    events += [Event(LOG_WARNING, "%s: %s (not restarting)" % (tunnel.name, note))
-               for note in notes]
+    events += [Event(LOG_WARNING, "%s: %s (not restarting)" % (tunnel.name, note), True, NOTE,
+                     {"reason": note}) for note in notes]
 
 
 def _record_success(tunnel, state, first, reason, pid, reclaimed=""):
     attempts = state.pop("failures", 0)
-    for key in ("last_failure", "failure_said", "outage"):
+    for key in ("last_failure", "failure_said", "outage", "outage_code"):
         state.pop(key, None)
     if not first:
         state["restarts"] = state.get("restarts", 0) + 1
     text = "started (pid %d)" % pid if first else "restarted (%s)" % reason
+    kind = STARTED if first else CONFIG_CHANGED_EVENT if reason.startswith(
+        CONFIG_CHANGED) else RESTARTED
     if reclaimed:
-        text = "%s, %s" % (reclaimed, text)
+        text, kind = "%s, %s" % (reclaimed, text), RECLAIMED
     if attempts:
         text += " after %d failed attempt%s" % (attempts, "s" if attempts > 1 else "")
-    return Event(LOG_NOTICE, "%s: %s" % (tunnel.name, text))
+        kind = BACK if kind in (STARTED, RESTARTED) else kind
+    return Event(LOG_NOTICE, "%s: %s" % (tunnel.name, text), True, kind,
+                 {"reason": reason, "pid": pid, "attempts": attempts})
 
 
 def _record_failure(tunnel, state, first, reason, failure, now):
@@ -163,13 +218,17 @@ def _record_failure(tunnel, state, first, reason, failure, now):
     """
     verb = "start failed" if first else "restart failed (%s)" % reason
     state["failures"] = state.get("failures", 0) + 1
+    state["failures_total"] = state.get("failures_total", 0) + 1
     news = failure != state.get("last_failure") or \
         now - state.get("failure_said", 0) >= REPEAT_FAILURE_AFTER
     state["last_failure"] = failure
     if news:
         state["failure_said"] = now
     count = " (%d failed attempts)" % state["failures"] if state["failures"] > 1 else ""
-    return Event(LOG_ERR, "%s: %s: %s%s" % (tunnel.name, verb, failure, count), news)
+    kind = HOST_KEY_CHANGED if "host key has CHANGED" in failure else \
+        PORT_HELD if _HELD.search(failure) else FAILED
+    return Event(LOG_ERR, "%s: %s: %s%s" % (tunnel.name, verb, failure, count), news, kind,
+                 {"reason": failure, "attempts": state["failures"]})
 
 
 # ---------------------------------------------------------------------------

@@ -25,7 +25,8 @@ LAUNCH_MARK = "ctunnel: launching "
 # loses what has the wrong type, never the tick
 STATE_TYPES = {"restarts": int, "failures": int, "last_restart": int, "failure_said": int,
                "stopped": int, "last_reason": str, "last_failure": str, "warnings": dict,
-               "outage": str, "session": dict, "notes": list, "said": dict}
+               "outage": str, "session": dict, "notes": list, "said": dict,
+               "failures_total": int, "reason_code": str, "outage_code": str}
 
 # What the pidfile says of the process a tick launched: its PID, the client
 # kind and program it was launched as (which PATH or the config may have
@@ -87,16 +88,18 @@ def read_state_file(path, limit, start=None):
         os.close(fd)
 
 
-def write_atomic(path, text):
-    """Replace path with text: a temp file of unpredictable name, mode 0600.
+def write_atomic(path, text, mode=0o600):
+    """Replace path with text: a temp file of unpredictable name, made exclusively,
+    then renamed over path. A reader sees the old file or the new one, whole.
 
     Nothing is left behind when the write fails (a full disk).
     """
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".",
-                               dir=os.path.dirname(path))
+    tmp = os.path.join(os.path.dirname(path), ".%s.%s" % (os.path.basename(path),
+                                                           os.urandom(8).hex()))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as f:
+            os.fchmod(f.fileno(), mode)
             f.write(text)
         os.replace(tmp, path)
     except BaseException:

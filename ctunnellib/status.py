@@ -8,7 +8,8 @@ import time
 
 from .clients import client_of
 from .ladder import for_each, run_ladder
-from .model import EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_NOTICE, NOT_RUNNING, first_down
+from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_NOTICE, NOT_RUNNING, STOPPED, Event,
+                    first_down)
 from .procfs import process_uptime
 from .report import printable
 from .statefiles import TunnelLock, make_state_dir, read_state, save_state
@@ -126,10 +127,13 @@ def cmd_stop(tunnels, args, reporter):
         finally:
             lock.release()
         if stopped:
-            reporter.event(LOG_NOTICE, "%s: stopped (pid %s)"
-                           % (t.name, ", ".join(map(str, stopped))))
+            events.insert(0, Event(LOG_NOTICE, "%s: stopped (pid %s)" % (
+                t.name, ", ".join(map(str, stopped))), True, STOPPED, {"pid": stopped[0]}))
+        if t.on_event and stopped:
+            from .hooks import run_hooks
+            events += run_hooks([(t, events[0])], args.config_path)
         for event in events:
-            reporter.event(event.level, event.text)
+            reporter.event(event.level, event.text, event.stderr)
     return status
 
 

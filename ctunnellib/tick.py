@@ -4,9 +4,12 @@ A healthy tunnel costs the ladder and nothing else: no program, no write,
 no line. Only a DOWN loads the repair.
 """
 
+import time
+
 from .ladder import for_each, run_ladder
 from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, SLOW,
-                    TARGET_DOWN, UNKNOWN, UP, Event, Outcome, first_down)
+                    SLOW_ENDED, SLOW_EVENT, TARGET_BACK, TARGET_DOWN, TARGET_DOWN_EVENT, UNKNOWN,
+                    UNKNOWN_ENDED, UNKNOWN_EVENT, UP, Event, Outcome, first_down)
 from .statefiles import (TunnelLock, first_time, make_state_dir, read_state,
                          read_state_text, save_state)
 from .tcp import TcpTable
@@ -25,17 +28,34 @@ def cmd_check(tunnels, args, reporter):
             return Outcome(t.name, False, [Event(LOG_ERR, "%s: internal error: %s: %s"
                                                  % (t.name, e.__class__.__name__, e))], [])
 
-    healthy = True
+    began = time.time()
     if args.verbose:
         reporter.event(LOG_INFO, "config %s; state_dir %s" % (args.config_path, ", ".join(
             sorted({t.state_dir for t in tunnels}))))
-    for outcome in for_each(tunnels, work):
+    outcomes = for_each(tunnels, work)
+    for outcome in outcomes:
         for event in outcome.events:
             reporter.event(event.level, event.text, event.stderr or args.verbose)
-        healthy = healthy and outcome.healthy
-    for event in config_events(tunnels, args):
+    events = config_events(tunnels, args) + after_tick(tunnels, outcomes, args, began)
+    for event in events:
         reporter.event(event.level, event.text, event.stderr or args.verbose)
-    return EXIT_OK if healthy else EXIT_DOWN
+    return EXIT_OK if all(o.healthy for o in outcomes) else EXIT_DOWN
+
+
+def after_tick(tunnels, outcomes, args, began):
+    """The owner's hooks for what happened, and the metrics file; their events."""
+    events = []
+    news = [(t, e) for t, o in zip(tunnels, outcomes) if t.on_event
+            for e in o.events if e.kind and e.stderr]
+    if news:
+        from .hooks import run_hooks
+        events += run_hooks(news, args.config_path)
+    if any(t.metrics_file for t in tunnels):
+        from .metrics import write_metrics
+        events += [Event(LOG_WARNING, "ctunnel: cannot write the metrics file %s: %s"
+                         % failed) for failed in write_metrics(tunnels, outcomes, began,
+                                                                time.time())]
+    return events
 
 
 def config_events(tunnels, args):
@@ -120,12 +140,16 @@ def note_warnings(tunnel, verdicts, state, events):
         if before.get(check) != [verdict, detail]:
             why = "cannot tell; not restarting" if verdict == UNKNOWN else "not restarting"
             events.append(Event(LOG_WARNING, "%s: %s: %s (%s)"
-                                % (tunnel.name, check, detail, why)))
+                                % (tunnel.name, check, detail, why), True, {
+                                    TARGET_DOWN: TARGET_DOWN_EVENT, SLOW: SLOW_EVENT}.get(
+                                        verdict, UNKNOWN_EVENT), {"reason": detail}))
     for check, (verdict, _) in sorted(before.items()):
         if check not in now:
-            back = {TARGET_DOWN: "its target answers again", SLOW: "answers in time again"}.get(
-                verdict, "checked again")
-            events.append(Event(LOG_NOTICE, "%s: %s: %s" % (tunnel.name, check, back)))
+            back, kind = {TARGET_DOWN: ("its target answers again", TARGET_BACK),
+                          SLOW: ("answers in time again", SLOW_ENDED)}.get(
+                              verdict, ("checked again", UNKNOWN_ENDED))
+            events.append(Event(LOG_NOTICE, "%s: %s: %s" % (tunnel.name, check, back), True,
+                                kind, {"reason": check}))
     state["warnings"] = now
     if not now:
         del state["warnings"]

@@ -316,7 +316,10 @@ class SshServer:
             "AllowTcpForwarding yes", "ClientAliveInterval 5", "ClientAliveCountMax 2",
             "MaxStartups 100", "MaxSessions 100", "LogLevel VERBOSE",
         ]
-        lines = list(extra) + lines     # sshd takes the first value of a keyword
+        # an extra line replaces the harness's own of its keyword (sshd takes the first
+        # value of most keywords, but the last of some, MaxStartups among them)
+        given = {line.split()[0].lower() for line in extra}
+        lines = list(extra) + [line for line in lines if line.split()[0].lower() not in given]
         if home or session_path:
             lines.append('ForceCommand %s%seval "$SSH_ORIGINAL_COMMAND"' % (
                 "HOME=%s; export HOME; cd; " % home if home else "",

@@ -190,7 +190,7 @@ def check_loopback(tunnel, forward, pid, table):
         outcome = TARGET_REFUSED
     return {
         LOOP: Verdict(name, UP, "data path %s -> box %s proven in %s (loopback %d)"
-                      % (where, target, ms(began), port)),
+                      % (where, target, ms(began), port), took=time.monotonic() - began),
         TARGET_REFUSED: Verdict(name, TARGET_DOWN, "the connection answers, but nothing "
                                 "listens on %s on the box" % target),
         CONNECTING: Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box does "
@@ -357,6 +357,10 @@ def explain_failure(tunnel, lines, rc):
         return ("the server refused the key for %s and asked for a password, which ctunnel "
                 "never gives: put the key's public line (dropbearkey -y -f %s) in that user's "
                 "~/.ssh/authorized_keys on the server" % (login, tunnel.identity_file or "KEY"))
+    if "Error reading: Connection reset" in text or "Remote closed the connection" in text:
+        return ("the server dropped the connection before the login (%s): too many logins at "
+                "once for its MaxStartups (many boxes come back together after it restarted; "
+                "MaxStartups 100:30:200 in its sshd_config lets more through)" % said)
     if "No auth methods could be used" in said:
         return ("%s (the server refused the key for %s: check user, and that the key's public "
                 "line is in that user's ~/.ssh/authorized_keys on the server)" % (said, login))

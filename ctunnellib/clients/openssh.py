@@ -240,7 +240,7 @@ def check_data_path(tunnel, forward, pid, table, tries=2):
             break
     return {
         LOOP: Verdict(name, UP, "data path %s -> box %s proven in %s"
-                      % (where, target, ms(began))),
+                      % (where, target, ms(began)), took=time.monotonic() - began),
         TARGET_REFUSED: Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box "
                                 "refused the connection" % target),
         CONNECTING: Verdict(name, TARGET_DOWN, "the tunnel works, but %s on the box does "
@@ -339,7 +339,7 @@ def check_local_forward(tunnel, forward, pid, table):
     except (MuxError, OSError) as e:
         return Verdict(name, DOWN, "control socket: %s" % _why(e))
     return Verdict(name, UP, "listening on %s; the server reaches %s in %s"
-                   % (where, target, ms(began)))
+                   % (where, target, ms(began)), took=time.monotonic() - began)
 
 
 # ---------------------------------------------------------------------------
@@ -427,6 +427,10 @@ def explain_ssh_failure(tunnel, lines, rc):
         return ("%s (the server refused the key for %s: check user, and that the key's .pub "
                 "line is in that user's ~/.ssh/authorized_keys on the server)"
                 % (said, login.split("@")[0] if tunnel.user else "your user name"))
+    if "kex_exchange_identification" in text:       # reset or closed before its banner
+        return ("the server dropped the connection before the login (%s): too many logins at "
+                "once for its MaxStartups (many boxes come back together after it restarted; "
+                "MaxStartups 100:30:200 in its sshd_config lets more through)" % said)
     version = _client_version(tunnel.ssh) if rc not in (0, 255) else "OpenSSH"
     if "Dropbear" in version:
         return ("%s is Dropbear's dbclient under another name, which ctunnel tells by its "
