@@ -231,44 +231,39 @@ PROC_FILES = {_socket.AF_INET: "/proc/net/tcp", _socket.AF_INET6: "/proc/net/tcp
 
 def proc_sockets(family, states, ports, local):
     """The same answer as diag_dump, from /proc/net/tcp (or tcp6)."""
-    try:
-        with open(PROC_FILES[family], "rb") as f:
-            text = f.read(TCP_TABLE_MAX)
-    except OSError:
-        return []
     found = []
-    for line in text.splitlines()[1:]:
-        if len(line.split()) > 9:
-            sock = proc_socket(line)
-            if (1 << sock.state) & states and \
-                    (sock.local_port if local else sock.remote_port) in ports:
-                found.append(sock)
+    for fields in _proc_lines(family):
+        sock = proc_socket(fields)
+        if (1 << sock.state) & states and \
+                (sock.local_port if local else sock.remote_port) in ports:
+            found.append(sock)
     return found
-
-
-def proc_socket(line):
-    """Decode one line of /proc/net/tcp into a TcpSocket."""
-    fields = line.split()
-    local, remote = fields[1].split(b":"), fields[2].split(b":")
-    return TcpSocket(int(fields[9]), proc_address(local[0]), int(local[1], 16),
-                     proc_address(remote[0]), int(remote[1], 16), int(fields[3], 16))
 
 
 def proc_progress(family, inodes, remote_port=None):
     """What /proc/net/tcp tells of the progress of established connections among
     inodes: only how often the oldest unacknowledged segment was sent again."""
+    return [TcpProgress(retransmits=int(fields[6], 16)) for fields in _proc_lines(family)
+            if int(fields[9]) in inodes and fields[3] == b"01" and
+            (remote_port is None or int(fields[2].split(b":")[1], 16) == remote_port)]
+
+
+def _proc_lines(family):
+    """The fields of each socket's line of /proc/net/tcp (or tcp6); [] if unreadable."""
     try:
         with open(PROC_FILES[family], "rb") as f:
             text = f.read(TCP_TABLE_MAX)
     except OSError:
         return []
-    found = []
-    for line in text.splitlines()[1:]:
-        fields = line.split()
-        if len(fields) > 9 and int(fields[9]) in inodes and fields[3] == b"01" and (
-                remote_port is None or int(fields[2].split(b":")[1], 16) == remote_port):
-            found.append(TcpProgress(retransmits=int(fields[6], 16)))
-    return found
+    return [fields for fields in (line.split() for line in text.splitlines()[1:])
+            if len(fields) > 9]
+
+
+def proc_socket(fields):
+    """Decode the fields of one line of /proc/net/tcp into a TcpSocket."""
+    local, remote = fields[1].split(b":"), fields[2].split(b":")
+    return TcpSocket(int(fields[9]), proc_address(local[0]), int(local[1], 16),
+                     proc_address(remote[0]), int(remote[1], 16), int(fields[3], 16))
 
 
 def proc_address(text):

@@ -343,7 +343,7 @@ TCP_TABLE = (b"  sl  local_address rem_address   st tx_queue rx_queue tr tm->whe
 
 @pytest.mark.skipif(sys.byteorder != "little", reason="the table is in the host's byte order")
 def test_tcp_table_lines_are_decoded():
-    listener, conn = map(tcp.proc_socket, TCP_TABLE.splitlines()[1:])
+    listener, conn = (tcp.proc_socket(line.split()) for line in TCP_TABLE.splitlines()[1:])
     assert listener == tcp.TcpSocket(1234, "127.0.0.1", 1122, "0.0.0.0", 0, tcp.TCP_LISTEN)
     assert (conn.inode, conn.remote_addr, conn.remote_port, conn.state) == \
         (12345, "127.0.0.1", 22, tcp.TCP_ESTABLISHED)
