@@ -95,6 +95,13 @@ def first_down(verdicts):
     return next((v for v in verdicts if v.state == DOWN), None)
 
 
+# The words a client's launch failure starts with when the server dropped the
+# login (sshd's MaxStartups: a failure the repair tries again within the tick,
+# see repair.relaunch), or did not answer before it (too busy, or silent: not
+# tried again, the connect itself took its time)
+BEFORE_LOGIN = "the server dropped the connection before the login"
+BUSY_BEFORE_LOGIN = "the server did not answer before the login"
+
 # What a probe of a port on the server found (Probe.answer), see Client.probe_port.
 LISTENS, NOTHING_LISTENS, CANNOT_TELL = "listens", "nothing listens", "cannot tell"
 Probe = record("Probe", "answer detail", defaults=("",))

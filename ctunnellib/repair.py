@@ -13,7 +13,7 @@ import time
 
 from .clients import client_of, find_tunnel_processes, is_tunnel_process
 from .ladder import run_ladder
-from .model import (BACK, CANNOT_TELL, CONFIG_CHANGED, CONFIG_CHANGED_EVENT, FAILED, GONE,
+from .model import (BACK, BEFORE_LOGIN, CANNOT_TELL, CONFIG_CHANGED, CONFIG_CHANGED_EVENT, FAILED, GONE,
                     HOST_KEY_CHANGED, LINK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNING, NOTE,
                     NOT_OURS, NOT_RUNNING, NOTHING_LISTENS, PORT_HELD, PROCESS, RECLAIMED, RESTARTED,
                     STARTED, Event, check_address, first_down, state_path)
@@ -125,7 +125,7 @@ STORM_FIRST = 1.0           # the first delay is at most this; each next one at 
 
 def dropped_before_login(failure):
     """Did the server drop the connection before the login (not refuse it)?"""
-    return "dropped the connection before the login" in failure
+    return failure.startswith(BEFORE_LOGIN)
 
 
 class Storm:

@@ -14,8 +14,9 @@ import _socket
 import os
 import time
 
-from ..model import (DOWN, LINK, LISTENS, NOTHING_LISTENS, CANNOT_TELL, TARGET_DOWN, UNKNOWN,
-                     UP, Probe, Verdict, check_address, expand_home, forward_arg)
+from ..model import (BEFORE_LOGIN, CANNOT_TELL, DOWN, LINK, LISTENS, NOTHING_LISTENS,
+                     TARGET_DOWN, UNKNOWN, UP, Probe, Verdict, check_address, expand_home,
+                     forward_arg)
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
                       check_listener, launch_time, ms, no_answer, still_connecting,
                       target_listens)
@@ -358,9 +359,9 @@ def explain_failure(tunnel, lines, rc):
                 "never gives: put the key's public line (dropbearkey -y -f %s) in that user's "
                 "~/.ssh/authorized_keys on the server" % (login, tunnel.identity_file or "KEY"))
     if "Error reading: Connection reset" in text or "Remote closed the connection" in text:
-        return ("the server dropped the connection before the login (%s): too many logins at "
-                "once for its MaxStartups (many boxes come back together after it restarted; "
-                "MaxStartups 100:30:200 in its sshd_config lets more through)" % said)
+        return ("%s (%s): too many logins at once for its MaxStartups (many boxes come back "
+                "together after it restarted; MaxStartups 100:30:200 in its sshd_config lets "
+                "more through)" % (BEFORE_LOGIN, said))
     if "No auth methods could be used" in said:
         return ("%s (the server refused the key for %s: check user, and that the key's public "
                 "line is in that user's ~/.ssh/authorized_keys on the server)" % (said, login))

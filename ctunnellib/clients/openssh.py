@@ -10,8 +10,9 @@ import math
 import os
 import time
 
-from ..model import (DOWN, LINK, LISTENS, NOTHING_LISTENS, CANNOT_TELL, TARGET_DOWN, UNKNOWN,
-                     UP, Probe, Verdict, check_address, forward_arg, state_path)
+from ..model import (BEFORE_LOGIN, BUSY_BEFORE_LOGIN, CANNOT_TELL, DOWN, LINK, LISTENS,
+                     NOTHING_LISTENS, TARGET_DOWN, UNKNOWN, UP, Probe, Verdict, check_address,
+                     forward_arg, state_path)
 from ..mux import Channel, MuxClient, MuxError, MuxRefused, MuxTimeout, MuxVersionError
 from ..probes import (CLOSED, CONNECTING, LOOP, SILENT, TARGET_REFUSED, await_loop,
                       check_listener, deadline, launch_time, ms, no_answer,
@@ -428,9 +429,12 @@ def explain_ssh_failure(tunnel, lines, rc):
                 "line is in that user's ~/.ssh/authorized_keys on the server)"
                 % (said, login.split("@")[0] if tunnel.user else "your user name"))
     if "kex_exchange_identification" in text:       # reset or closed before its banner
-        return ("the server dropped the connection before the login (%s): too many logins at "
-                "once for its MaxStartups (many boxes come back together after it restarted; "
-                "MaxStartups 100:30:200 in its sshd_config lets more through)" % said)
+        return ("%s (%s): too many logins at once for its MaxStartups (many boxes come back "
+                "together after it restarted; MaxStartups 100:30:200 in its sshd_config lets "
+                "more through)" % (BEFORE_LOGIN, said))
+    if "during banner exchange" in text:            # connected, and no banner in time
+        return ("%s (%s): too busy, or too many logins at once for its MaxStartups"
+                % (BUSY_BEFORE_LOGIN, said))
     version = _client_version(tunnel.ssh) if rc not in (0, 255) else "OpenSSH"
     if "Dropbear" in version:
         return ("%s is Dropbear's dbclient under another name, which ctunnel tells by its "
