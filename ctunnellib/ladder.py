@@ -5,6 +5,8 @@ ladder: the caller (tick.py) repairs the tunnel. A healthy ladder runs no
 program and writes nothing.
 """
 
+import time
+
 from .clients import client_of, find_tunnel_processes, is_tunnel_process
 from .model import (CONFIG_CHANGED, DOWN, GONE, NOT_OURS, NOT_RUNNING, PROCESS, UP, Verdict,
                     changed_settings)
@@ -13,7 +15,9 @@ from .statefiles import pidfile_names, read_launch, write_pidfile
 from .tcp import TcpTable
 
 
-PARALLEL = 32               # tunnels checked at once (a thread each)
+FEW = 16                     # threads that check tunnels side by side, at first
+PARALLEL = 32               # at most, while some tunnels take long (a thread each)
+SLOW = 0.25                 # seconds a tunnel takes before it makes room for another thread
 
 
 def check_process(tunnel, adopt=False, record=True):
@@ -57,6 +61,14 @@ def run_ladder(tunnel, launched=None, table=None, adopt=False, record=True):
     its link. table: the tick's TcpTable, shared by every tunnel of the tick.
     """
     table = table or TcpTable()
+    table.enter()
+    try:
+        return _run_ladder(tunnel, launched, table, adopt, record)
+    finally:
+        table.leave()
+
+
+def _run_ladder(tunnel, launched, table, adopt, record):
     client = client_of(tunnel)
     verdicts, expected = [], launched
     if not launched:
@@ -102,29 +114,43 @@ def find_orphans(tunnels, names):
 
 
 def for_each(items, work):
-    """Return [work(item) for item in items], at most PARALLEL at a time.
+    """Return [work(item) for item in items], side by side in a few threads.
 
-    Tunnels are checked side by side so that one silent server cannot hold
-    up the rest; one tunnel needs no thread at all.
+    A few threads check a healthy fleet of tunnels at the least cost (more
+    would spend the CPU handing Python's lock to one another). A tunnel that
+    takes long (a silent server: up to check_timeout) makes room for one
+    more thread, up to PARALLEL, so that one silent server cannot hold up
+    the rest. One tunnel needs no thread at all.
     """
     if len(items) < 2:
         return [work(item) for item in items]
     import threading
-    results, queue = [None] * len(items), list(enumerate(items))
-    lock = threading.Lock()
+    results, queue, workers = [None] * len(items), list(enumerate(items)), []
+    changed = threading.Condition()
 
-    def worker():
+    def worker(since):
+        """since: [when this worker took its current item]."""
         while True:
-            with lock:
+            with changed:
                 if not queue:
+                    workers.remove(since)
+                    changed.notify()
                     return
                 index, item = queue.pop()
+                since[0] = time.monotonic()
             results[index] = work(item)
-    # daemons: Ctrl-C ends the tick at once, not after the slowest tunnel
-    threads = [threading.Thread(target=worker, daemon=True)
-               for _ in range(min(PARALLEL, len(items)))]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+
+    def add_worker():
+        since = [time.monotonic()]
+        workers.append(since)
+        # a daemon: Ctrl-C ends the tick at once, not after the slowest tunnel
+        threading.Thread(target=worker, args=(since,), daemon=True).start()
+    with changed:
+        for _ in range(min(FEW, len(items))):
+            add_worker()
+        while workers:
+            changed.wait(SLOW)
+            if queue and len(workers) < PARALLEL and \
+                    any(time.monotonic() - since[0] > SLOW for since in workers):
+                add_worker()
     return results

@@ -55,7 +55,7 @@ class TcpTable:
     """The TCP sockets one tick asks about; a tick makes one and its checks share it.
 
     A check that saw a new socket in its ssh asks for a read that began after
-    that moment (since); checks that wait together share one read.
+    that moment (since); a read serves every check that asked before it began.
     """
 
     def __init__(self):
@@ -64,23 +64,41 @@ class TcpTable:
         self.reads = {}         # family -> (when the read began, its ports, {inode: TcpSocket})
         self.netlink = True     # until the kernel says it has no inet_diag
 
+    def enter(self):
+        """A tunnel's ladder begins (see SharedTcpTable)."""
+
+    def leave(self):
+        """A tunnel's ladder ends."""
+
     def connections(self, inodes, port, families, since):
         """Return the connections among inodes whose remote port is port.
 
         families: see families_of. Only from a read that began after since.
         """
-        found = []
         with self.lock:
             self.ports.add(port)
-            for family in families:
-                began, ports, sockets = self.reads.get(family, (-1.0, (), {}))
-                if began < since or port not in ports:
-                    began, ports = time.monotonic(), frozenset(self.ports)
-                    sockets = {s.inode: s for s in self._read(
-                        family, CONNECTING_OR_CONNECTED, ports, local=False)}
-                    self.reads[family] = (began, ports, sockets)
-                found += [sockets[i] for i in inodes if i in sockets]
-        return found
+            if not self._fresh(families, port, since):
+                self._read_connections(families)
+            return self._found(inodes, families)
+
+    def _fresh(self, families, port, since):
+        """Is there a read of each family that began after since and asked for port?"""
+        for family in families:
+            began, ports, _ = self.reads.get(family, (-1.0, (), {}))
+            if began < since or port not in ports:
+                return False
+        return True
+
+    def _found(self, inodes, families):
+        return [sockets[i] for family in families
+                for sockets in (self.reads[family][2],) for i in inodes if i in sockets]
+
+    def _read_connections(self, families):
+        """Read the connections of families to every port asked for so far."""
+        began, ports = time.monotonic(), frozenset(self.ports)
+        for family in families:
+            self.reads[family] = (began, ports, {s.inode: s for s in self._read(
+                family, CONNECTING_OR_CONNECTED, ports, local=False)})
 
     def listeners(self, port):
         """Return every socket listening on local port port (any address, any owner)."""
@@ -110,6 +128,62 @@ class TcpTable:
             except OSError:
                 self.netlink = False        # no inet_diag here: /proc from now on
         return proc_sockets(family, states, ports, local)
+
+
+class SharedTcpTable(TcpTable):
+    """The TcpTable of a tick that checks tunnels side by side (threads).
+
+    The kernel walks its whole table of connections for each read (a few
+    milliseconds on a machine with much memory, whatever it finds), so a
+    check that needs a read waits up to WINDOW seconds for the others running
+    to ask too, and one read serves them all.
+    """
+
+    WINDOW = 0.04
+
+    def __init__(self):
+        TcpTable.__init__(self)
+        import threading
+        self.ready = threading.Condition(self.lock)
+        self.active = self.asking = 0
+        self.reading = False
+
+    def enter(self):
+        with self.lock:
+            self.active += 1
+
+    def leave(self):
+        with self.ready:
+            self.active -= 1
+            self.ready.notify_all()         # one fewer to wait for
+
+    def connections(self, inodes, port, families, since):
+        with self.ready:
+            self.ports.add(port)
+            self.asking += 1
+            until = time.monotonic() + self.WINDOW
+            try:
+                while not self._fresh(families, port, since):
+                    left = until - time.monotonic()
+                    if self.reading or (self.asking < self.active and left > 0):
+                        self.ready.wait(None if self.reading else left)
+                        continue
+                    self.reading = True     # the others wait for this read, unlocked
+                    self.lock.release()
+                    try:
+                        reads = {}
+                        began, ports = time.monotonic(), frozenset(self.ports)
+                        for family in families:
+                            reads[family] = (began, ports, {s.inode: s for s in self._read(
+                                family, CONNECTING_OR_CONNECTED, ports, local=False)})
+                    finally:
+                        self.lock.acquire()
+                        self.reading = False
+                        self.ready.notify_all()
+                    self.reads.update(reads)
+            finally:
+                self.asking -= 1
+            return self._found(inodes, families)
 
 
 def _thread_lock():

@@ -12,12 +12,12 @@ from .model import (EXIT_DOWN, EXIT_OK, LOG_ERR, LOG_INFO, LOG_NOTICE, LOG_WARNI
                     UNKNOWN_ENDED, UNKNOWN_EVENT, UP, Event, Outcome, first_down)
 from .statefiles import (TunnelLock, first_time, make_state_dir, read_state,
                          read_state_text, save_state)
-from .tcp import TcpTable
+from .tcp import SharedTcpTable, TcpTable
 
 
 def cmd_check(tunnels, args, reporter):
     """One tick: every tunnel checked and repaired, side by side."""
-    table = TcpTable()
+    table = SharedTcpTable() if len(tunnels) > 1 else TcpTable()
 
     def work(t):
         try:
