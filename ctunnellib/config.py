@@ -506,7 +506,7 @@ def load_tunnel(path, name, texts, memo=None):
     if not values["remote_forward"] + values["local_forward"]:
         raise ConfigError("%s: no forwards: set remote_forward or local_forward" % where)
     try:
-        values["state_dir"] = check_state_dir(values["state_dir"], name)
+        values["state_dir"] = check_state_dir(values["state_dir"], name, memo)
     except ValueError as e:
         raise ConfigError("%s: state_dir %s" % (where, e))
     tunnel = Tunnel(name=name, client=clients.kind_of(values["ssh"]), **values)
@@ -539,10 +539,10 @@ def _key_text(path, key, text):
     return text
 
 
-def check_state_dir(value, name):
+def check_state_dir(value, name, memo=None):
     """Check that state_dir can hold the control socket and be made; make nothing.
 
-    A tick creates it (0700); status and -n only look.
+    A tick creates it (0700); status and -n only look. memo: as load_tunnel's.
     """
     path = os.path.normpath(value)
     ctl = os.path.join(path, name + ".ctl")
@@ -550,6 +550,20 @@ def check_state_dir(value, name):
         raise ValueError('"%s" is too long: the control socket %s, plus the %d bytes ssh adds '
                          'while it creates it, must stay under %d bytes'
                          % (value, ctl, CTL_TEMP_SUFFIX, SOCKET_PATH_MAX))
+    memo = {} if memo is None else memo
+    known = ("usable folder", path)         # not a key's name: no clash with load_tunnel's
+    if known not in memo:
+        try:
+            memo[known] = _usable_folder(value, path)
+        except ValueError as e:
+            memo[known] = e
+    if isinstance(memo[known], ValueError):
+        raise memo[known]
+    return path
+
+
+def _usable_folder(value, path):
+    """path (value, as the config wrote it) is a trusted folder, or one that can be made."""
     if os.path.isdir(path):
         problem = untrusted(os.stat(path))
         if problem:

@@ -116,9 +116,11 @@ class MuxClient:
         self.sock.settimeout(left)
 
     def _recv_exact(self, size):
+        # the timeout was set for the whole request (each set costs a system call)
         data = b""
         while len(data) < size:
-            self._settimeout()
+            if time.monotonic() >= self.deadline:
+                raise MuxTimeout("no answer")
             try:
                 chunk = self.sock.recv(size - len(data))
             except _socket.timeout:

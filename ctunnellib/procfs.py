@@ -63,7 +63,17 @@ def runs_program(pid, program):
         exe = os.readlink("/proc/%d/exe" % pid)
     except OSError:
         return False
-    return exe.rsplit(" (deleted)", 1)[0] == os.path.realpath(program)
+    return exe.rsplit(" (deleted)", 1)[0] == real_path(program)
+
+
+_real_paths = {}
+
+
+def real_path(path):
+    """os.path.realpath, once per path and process: a tick asks it for each tunnel."""
+    if path not in _real_paths:
+        _real_paths[path] = os.path.realpath(path)
+    return _real_paths[path]
 
 
 def find_processes(match):

@@ -62,8 +62,12 @@ def user_name(uid):
 
 def make_state_dir(tunnel):
     """Create state_dir (0700) if need be, and refuse one that others control."""
-    os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
-    problem = untrusted(os.stat(tunnel.state_dir))
+    try:
+        st = os.stat(tunnel.state_dir)
+    except FileNotFoundError:
+        os.makedirs(tunnel.state_dir, mode=0o700, exist_ok=True)
+        st = os.stat(tunnel.state_dir)
+    problem = untrusted(st)
     if problem:
         raise OSError(errno.EPERM, "state_dir %s: %s" % (tunnel.state_dir, problem % {
             "path": tunnel.state_dir}))
