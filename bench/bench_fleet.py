@@ -84,6 +84,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from harness import (CTUNNEL, SSHD, Service, SshServer, ThrowawayUser,  # noqa: E402
                      cmdline, connect_read, descendants, end_pids, pids_with_arg, wait_for)
+from harness import free_ports as harness_free_ports  # noqa: E402
 
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 DEFAULT_MAX_STARTUPS = "10:30:100"      # sshd's own default
@@ -501,17 +502,10 @@ def fleet_sshd_config(server, max_startups):
 def free_ports(base, count):
     """count ports from base up that nothing holds now, all below the ephemeral
     range: a client's source port must never take a box's server port."""
-    ports = []
-    for port in range(base, 32768):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            return ports
-    raise SystemExit("bench: not %d free ports from %d below 32768" % (count, base))
+    ports = harness_free_ports(range(base, 32768), count)
+    if len(ports) < count:
+        raise SystemExit("bench: not %d free ports from %d below 32768" % (count, base))
+    return ports
 
 
 def make_keys(boxes, at_once=16):

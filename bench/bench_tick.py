@@ -45,7 +45,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from harness import (BOX_PYTHON, CTUNNEL, Listener, SshServer, ThrowawayUser,  # noqa: E402
-                      as_user, descendants, end_pids, install_copy, pids_with_arg)
+                      as_user, descendants, end_pids, free_ports, install_copy, pids_with_arg)
 
 SINGLE_FILE = "57ec3b9"   # the last commit whose ctunnel.py held all the code
 NEXT_PORT = iter(range(20000, 32768))    # reverse ports, below the ephemeral range
@@ -188,18 +188,9 @@ def write_config(path, server, relay, service, count, state_dir, client=None, ke
 
     client: (dbclient path, its Dropbear-format key) for a dbclient config;
     key: (key, ssh_config) for a config of the cron user."""
-    tunnels, ports = [], []
-    # below the ephemeral range: hundreds of connections come and go on this one
-    # machine, and one of them may take a port chosen in it as its own source port
-    for port in NEXT_PORT:         # never a port of an earlier stage: its sessions may linger
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        ports.append(port)
-        if len(ports) == count:
-            break
+    tunnels = []
+    # NEXT_PORT: never a port of an earlier stage, whose sessions may linger
+    ports = free_ports(NEXT_PORT, count)
     with open(path, "w") as f:
         f.write("[DEFAULT]\nhost = 127.0.0.1\nport = %d\nuser = %s\nstate_dir = %s\n"
                 % (relay.port, server.user, state_dir))

@@ -54,6 +54,24 @@ def free_port():
         return s.getsockname()[1]
 
 
+def free_ports(candidates, count):
+    """count ports, taken in order from candidates, that nothing on 127.0.0.1 holds
+    now; [] short of count when candidates run out. For benches' server ports:
+    give candidates below the ephemeral range (32768), so that none of the many
+    connections that come and go takes one of them as its own source port."""
+    ports = []
+    for port in candidates:
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        ports.append(port)
+        if len(ports) == count:
+            break
+    return ports
+
+
 def pid_alive(pid):
     """True if pid runs and is not a zombie (PID 1 here may never reap)."""
     try:
