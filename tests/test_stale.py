@@ -25,6 +25,18 @@ from harness import (Knocker, SshServer, Service, ThrowawayUser, client_port, co
                      descendants, free_port, pid_alive, port_accepts, wait_for)
 
 
+def tick_both(first, second, ticks=3):
+    """Tick the keeper (healthy and silent each time) and the second tunnel (down:
+    exit 1) in turn; return what the second said each tick."""
+    said = []
+    for _ in range(ticks):
+        a, b = first.run(), second.run()
+        assert (a.returncode, a.stderr) == (0, "")
+        assert b.returncode == 1
+        said.append(b.stderr)
+    return said
+
+
 def test_a_stale_session_kept_busy_is_reclaimed_within_one_tick(make_rig, service,
                                                                  make_user_server, firewall):
     """The client's packets are dropped for good; a user keeps connecting. The
@@ -139,12 +151,7 @@ def test_two_live_boxes_with_one_port_never_fight(sshd, make_rig):
                             check_timeout=2)
         assert first.run().returncode == 0
         keeper = first.pid()
-        said = []
-        for _ in range(3):
-            a, b = first.run(), second.run()
-            assert (a.returncode, a.stderr) == (0, "")
-            assert b.returncode == 1
-            said.append(b.stderr)
+        said = tick_both(first, second)
         assert re.search(r"pi: start failed: Error: remote port forwarding failed for listen "
                          r"port %d \(port %d is held by another live client of this login "
                          r"\(server pid \d+, up since \d\d:\d\d, from 127\.0\.0\.1:\d+\): "
@@ -173,12 +180,7 @@ def test_a_second_box_of_an_ordinary_login_never_fights_for_the_port(make_user_s
                              check_timeout=2)
         assert first.run().returncode == 0
         keeper, sessions = first.pid(), descendants(server.proc.pid)
-        said = []
-        for _ in range(3):
-            a, b = first.run(), second.run()
-            assert (a.returncode, a.stderr) == (0, "")
-            assert b.returncode == 1
-            said.append(b.stderr)
+        said = tick_both(first, second)
         assert "remote port forwarding failed for listen port %d (port %d on the server is " \
             "held by another client of this login, or another program of this user (not by " \
             "this tunnel's own session" % (remote, remote) in said[0], said[0]
