@@ -126,19 +126,25 @@ def for_each(items, work):
         return [work(item) for item in items]
     import threading
     results, queue, workers = [None] * len(items), list(enumerate(items)), []
+    failed = []             # what work raised: raised again here, in the caller's thread
     changed = threading.Condition()
 
     def worker(since):
         """since: [when this worker took its current item]."""
-        while True:
+        try:
+            while True:
+                with changed:
+                    if not queue or failed:
+                        return
+                    index, item = queue.pop()
+                    since[0] = time.monotonic()
+                results[index] = work(item)
+        except Exception as e:
+            failed.append(e)
+        finally:
             with changed:
-                if not queue:
-                    workers.remove(since)
-                    changed.notify()
-                    return
-                index, item = queue.pop()
-                since[0] = time.monotonic()
-            results[index] = work(item)
+                workers.remove(since)
+                changed.notify()
 
     def add_worker():
         since = [time.monotonic()]
@@ -153,4 +159,6 @@ def for_each(items, work):
             if queue and len(workers) < PARALLEL and \
                     any(time.monotonic() - since[0] > SLOW for since in workers):
                 add_worker()
+    if failed:
+        raise failed[0]
     return results

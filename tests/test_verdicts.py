@@ -16,7 +16,7 @@ import pytest
 
 from harness import make_tunnel
 
-from ctunnellib import cli, config, model, mux, programs, repair, report, tcp, tick
+from ctunnellib import cli, config, ladder, model, mux, programs, repair, report, tcp, tick
 from ctunnellib.clients import openssh
 
 FAKE_SSH = """#!/bin/sh
@@ -377,6 +377,124 @@ def test_one_table_read_serves_every_check_that_waits_for_it(monkeypatch, source
     assert len(reads) == 2
     table.connections({4}, 80, v4, seen)     # a port the last read did not ask for
     assert len(reads) == 3 and reads[-1][2] == frozenset((22, 80))
+
+
+def run_in_threads(count, target):
+    """Start count threads running target(i); return them (and [what each raised])."""
+    raised = [None] * count
+
+    def run(i):
+        try:
+            target(i)
+        except Exception as e:
+            raised[i] = e
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return threads, raised
+
+
+def joined(threads, timeout=10):
+    """True when every thread ended within timeout (none waits forever)."""
+    end = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(0, end - time.monotonic()))
+    return not any(thread.is_alive() for thread in threads)
+
+
+def test_checks_side_by_side_share_one_read_of_the_table(monkeypatch):
+    """Eight ladders running, each asking for a read that begins after it saw its
+    socket: one read serves them all (each read walks the kernel's whole table)."""
+    reads = []
+    real = tcp.TcpTable._read
+    monkeypatch.setattr(tcp.TcpTable, "_read",
+                        lambda *a, **kw: reads.append(a) or real(*a, **kw))
+    monkeypatch.setattr(tcp.SharedTcpTable, "WINDOW", 10.0)   # all eight ask well within it
+    table, v4 = tcp.SharedTcpTable(), tcp.families_of("127.0.0.1")
+    for _ in range(8):
+        table.enter()
+    asked = threading.Barrier(8)
+
+    def ladder(i):
+        try:
+            asked.wait()
+            table.connections({i}, 22, v4, time.monotonic())
+        finally:
+            table.leave()
+    threads, raised = run_in_threads(8, ladder)
+    assert joined(threads) and raised == [None] * 8
+    assert len(reads) == 1 and table.active == 0
+
+
+def test_a_ladder_that_never_asks_holds_the_others_only_for_the_window(monkeypatch):
+    monkeypatch.setattr(tcp.SharedTcpTable, "WINDOW", 0.2)
+    table, v4 = tcp.SharedTcpTable(), tcp.families_of("127.0.0.1")
+    table.enter()                               # busy elsewhere (a silent server)
+    table.enter()
+    threads, raised = run_in_threads(1, lambda i: table.connections(
+        {1}, 22, v4, time.monotonic()))
+    assert joined(threads) and raised == [None]
+
+
+def test_a_read_that_fails_fails_its_check_and_the_others_read_again(monkeypatch):
+    real, calls = tcp.TcpTable._read, []
+
+    def failing_once(*a, **kw):
+        calls.append(a)
+        if len(calls) == 1:
+            raise OSError("netlink said no")
+        return real(*a, **kw)
+    monkeypatch.setattr(tcp.TcpTable, "_read", failing_once)
+    monkeypatch.setattr(tcp.SharedTcpTable, "WINDOW", 10.0)
+    table, v4 = tcp.SharedTcpTable(), tcp.families_of("127.0.0.1")
+    table.enter()
+    table.enter()
+    asked = threading.Barrier(2)
+
+    def ladder(i):
+        try:
+            asked.wait()
+            table.connections({i}, 22, v4, time.monotonic())
+        finally:
+            table.leave()
+    threads, raised = run_in_threads(2, ladder)
+    assert joined(threads)
+    assert sorted(str(e) for e in raised if e) == ["netlink said no"]
+    assert len(calls) == 2
+
+
+def test_the_pool_keeps_order_and_makes_room_beside_slow_tunnels(monkeypatch):
+    """Both first threads are held by tunnels that wait for all the quick ones:
+    those get done only by the threads the pool adds beside the slow ones."""
+    monkeypatch.setattr(ladder, "FEW", 2)
+    monkeypatch.setattr(ladder, "SLOW", 0.05)
+    quick_done, done = threading.Event(), []
+
+    def work(item):
+        if item == "slow":
+            return quick_done.wait(10)
+        done.append(item)
+        if len(done) == 5:
+            quick_done.set()
+        return item
+    items = ["slow", "slow", 1, 2, 3, 4, 5]
+    results = ladder.for_each(list(reversed(items)), work)      # the pool takes from the end
+    assert results == list(reversed([True, True, 1, 2, 3, 4, 5]))
+
+
+def test_the_pool_raises_what_a_check_raised_and_never_hangs():
+    def work(item):
+        if item == 3:
+            raise ValueError("a bug")
+        return item
+    outcome = []
+
+    def run(_):
+        with pytest.raises(ValueError, match="a bug"):
+            ladder.for_each(list(range(40)), work)
+        outcome.append("raised")
+    threads, raised = run_in_threads(1, run)
+    assert joined(threads) and raised == [None] and outcome == ["raised"]
 
 
 @pytest.fixture
